@@ -1,0 +1,146 @@
+"""ResNet trunks split into a shared stem and per-branch copies (optionally stride-1 layer4).
+
+The stem is ``conv1, bn1, relu, maxpool, layer1, layer2, layer3[0]``; each branch is
+``Sequential(layer3[1:], layer4)``, deep-copied, with layer4's first block turned to stride 1
+for the part and attention branches (its weights are unchanged: stride is not a weight).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+__all__ = ["BACKBONES", "ResNetSplit", "build_resnet", "load_state_dict_file", "split_resnet"]
+
+BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+_HOW_TO_GET_WEIGHTS = (
+    "lagnet never downloads weights. On a machine with internet, save the torchvision "
+    "ImageNet weights, e.g. `torch.save(torchvision.models.resnet50(weights='IMAGENET1K_V1')"
+    ".state_dict(), 'resnet50.pth')` (or copy the file from ~/.cache/torch/hub/checkpoints), "
+    "then pass backbone_weights='path/to/resnet50.pth'."
+)
+
+
+def load_state_dict_file(path: str | os.PathLike[str], *, what: str = "weights") -> dict[str, Any]:
+    """Load a state dict saved with ``torch.save`` with ``weights_only=True``.
+
+    Accepts a bare state dict or a checkpoint dict holding one under ``"model"``,
+    ``"state_dict"`` or ``"model_state_dict"``. A file that carries pickled code is refused.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} file not found: {str(p)!r}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError (or RuntimeError) for code
+        raise ValueError(
+            f"refusing to load {what} from {str(p)!r}: it is not a plain tensor checkpoint "
+            f"(torch.load with weights_only=True failed: {str(err).splitlines()[0]}). "
+            "Files that carry pickled code are never executed; re-save the state_dict alone."
+        ) from err
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            inner = obj.get(key)
+            if isinstance(inner, dict):
+                obj = inner
+                break
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise ValueError(
+            f"{what} file {str(p)!r} does not hold a state dict (got {type(obj).__name__})"
+        )
+    return obj
+
+
+def build_resnet(name: str, weights: object = None) -> torchvision.models.ResNet:
+    """A torchvision ResNet by name, with ImageNet weights from a local file if given.
+
+    Args:
+        name: one of :data:`BACKBONES`.
+        weights: ``None`` (random init), a path to a local torchvision state dict, or a
+            torchvision weights enum whose file is already in the torch hub cache.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
+    model: torchvision.models.ResNet = getattr(torchvision.models, name)(weights=None)
+    if weights is None:
+        return model
+    if isinstance(weights, (str, os.PathLike)):
+        if not Path(weights).is_file():
+            raise FileNotFoundError(
+                f"backbone_weights file not found: {str(weights)!r}. {_HOW_TO_GET_WEIGHTS}"
+            )
+        state = load_state_dict_file(weights, what="backbone_weights")
+    elif isinstance(weights, torchvision.models.WeightsEnum):
+        filename = os.path.basename(weights.url)
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+        if not cached.is_file():
+            raise FileNotFoundError(
+                f"{weights} is not in the torch hub cache ({str(cached)!r}). {_HOW_TO_GET_WEIGHTS}"
+            )
+        state = load_state_dict_file(cached, what="backbone_weights")
+    else:
+        raise TypeError(
+            "backbone_weights must be None, a file path or a torchvision WeightsEnum, "
+            f"got {type(weights).__name__}"
+        )
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"backbone_weights do not fit {name}: missing keys {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
+        )
+    return model
+
+
+def _stride_one(layer: nn.Module) -> nn.Module:
+    layer = copy.deepcopy(layer)
+    first = next(iter(layer.children()))
+    for m in first.modules():
+        if isinstance(m, nn.Conv2d) and m.stride != (1, 1):
+            m.stride = (1, 1)
+    return layer
+
+
+class ResNetSplit(nn.Module):
+    """A ResNet's shared stem and the template of its branches.
+
+    Attributes:
+        stem: ``(B, 3, H, W) -> (B, C3, H/16, W/16)``.
+        out_channels: channels of layer4 (2048 for ResNet-50, 512 for ResNet-18/34).
+    """
+
+    def __init__(self, resnet: torchvision.models.ResNet) -> None:
+        super().__init__()
+        layer3 = list(resnet.layer3.children())
+        self.stem = nn.Sequential(
+            resnet.conv1,
+            resnet.bn1,
+            resnet.relu,
+            resnet.maxpool,
+            resnet.layer1,
+            resnet.layer2,
+            layer3[0],
+        )
+        self._layer3_rest = nn.Sequential(*layer3[1:])
+        self._layer4 = resnet.layer4
+        self.out_channels: int = resnet.fc.in_features
+
+    def branch(self, *, stride_one: bool) -> nn.Sequential:
+        """A fresh copy of ``Sequential(layer3[1:], layer4)``; layer4 at stride 1 if asked."""
+        layer4 = _stride_one(self._layer4) if stride_one else copy.deepcopy(self._layer4)
+        return nn.Sequential(copy.deepcopy(self._layer3_rest), layer4)
+
+
+def split_resnet(name: str = "resnet50", weights: object = None) -> ResNetSplit:
+    """:func:`build_resnet`, then split into stem and branch template."""
+    return ResNetSplit(build_resnet(name, weights))

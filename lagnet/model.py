@@ -1,0 +1,268 @@
+"""LAG-Net: global, part and local-attention branches on a shared ResNet stem."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from lagnet._validation import check_feature_map, check_positive_int
+from lagnet.backbones import BACKBONES, load_state_dict_file, split_resnet
+from lagnet.layers.attention import LocalAttentionSystem
+from lagnet.layers.dropblock import BatchAttentionDropBlock
+from lagnet.layers.heads import EmbeddingHead, MultiGranularityHead, ReductionHead
+from lagnet.layers.pooling import global_pool
+
+__all__ = ["HEAD_NAMES", "VARIANTS", "LAGNet", "LAGNetOutput", "build_lagnet"]
+
+Variant = Literal["paper", "reference"]
+VARIANTS: tuple[str, ...] = get_args(Variant)
+
+HEAD_NAMES: tuple[str, ...] = ("la", "drop", "global", "part", "part0", "part1", "part2")
+"""Order of the seven embedding heads, as in the released code's embedding."""
+
+MIN_INPUT_SIZE = 32
+
+
+@dataclass
+class LAGNetOutput:
+    """Training-mode output of :class:`LAGNet`.
+
+    Attributes:
+        embedding: ``(B, 7*D)`` the seven head features in :data:`HEAD_NAMES` order.
+        logits: ``{name: (B, N)}`` for the seven heads.
+        triplet_features: ``global_reduced, part_reduced, la_reduced, drop_reduced`` ``(B, R)``
+            and a fifth feature: ``part_bn`` ``(B, D)`` (reference) or ``stripes_reduced``
+            ``(B, 3*R)`` (paper).
+        attention_features: ``(B, K*C)`` normalised LAS features (attention-center loss).
+        attention_maps: ``(B, K, h, w)`` the selected attention maps.
+    """
+
+    embedding: Tensor
+    logits: dict[str, Tensor]
+    triplet_features: dict[str, Tensor]
+    attention_features: Tensor
+    attention_maps: Tensor
+
+
+class LAGNet(nn.Module):
+    """The LAG-Net re-ID network. Build it with :func:`build_lagnet`.
+
+    ``forward(x (B, 3, H, W))`` returns the ``(B, 7*embed_dim)`` embedding in eval mode and a
+    :class:`LAGNetOutput` in training mode (use :meth:`embed` / :meth:`forward_train` for a
+    statically typed call).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        backbone: str = "resnet50",
+        variant: Variant = "paper",
+        num_attentions: int = 24,
+        embed_dim: int = 512,
+        reduce_dim: int = 256,
+        drop_threshold: float = 0.5,
+        backbone_weights: object = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int(num_classes, "num_classes")
+        check_positive_int(embed_dim, "embed_dim")
+        check_positive_int(reduce_dim, "reduce_dim")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
+        split = split_resnet(backbone, backbone_weights)
+        c = split.out_channels
+        self.num_classes = num_classes
+        self.variant: Variant = variant
+        self.backbone_name = backbone
+        self.out_channels = c
+        self.embed_dim = embed_dim
+        self.reduce_dim = reduce_dim
+        self.stem = split.stem
+        self.global_branch = split.branch(stride_one=False)
+        self.part_branch = split.branch(stride_one=True)
+        self.la_branch = split.branch(stride_one=True)
+        self.las = LocalAttentionSystem(c, num_attentions)
+        self.drop = BatchAttentionDropBlock(threshold=drop_threshold)
+        self.global_head = MultiGranularityHead(
+            c, num_classes, num_stripes=0, embed_dim=embed_dim, reduce_dim=reduce_dim
+        )
+        self.part_head = MultiGranularityHead(
+            c,
+            num_classes,
+            num_stripes=3,
+            embed_dim=embed_dim,
+            reduce_dim=reduce_dim,
+            stripes_from="pooled" if variant == "reference" else "map",
+        )
+        self.la_head = EmbeddingHead(c, embed_dim, num_classes)
+        self.la_reduction = ReductionHead(c, reduce_dim)
+        self.drop_head = EmbeddingHead(c, embed_dim, num_classes)
+        self.drop_reduction = ReductionHead(c, reduce_dim)
+        self.drop_pool: Literal["max+max", "max+avg"] = (
+            "max+max" if variant == "reference" else "max+avg"
+        )
+
+    @property
+    def num_attentions(self) -> int:
+        """``K``, the number of selected attention maps."""
+        return self.las.num_attentions
+
+    @property
+    def attention_dim(self) -> int:
+        """``K*C``, the size of the attention features (for the attention-center loss)."""
+        return self.las.num_attentions * self.out_channels
+
+    @property
+    def feature_dim(self) -> int:
+        """Size of the embedding, ``7 * embed_dim``."""
+        return len(HEAD_NAMES) * self.embed_dim
+
+    def _check_input(self, x: Tensor) -> None:
+        check_feature_map(x, "images")
+        if x.shape[1] != 3:
+            raise ValueError(f"images must have 3 channels (RGB), got shape {tuple(x.shape)}")
+        if x.shape[2] < MIN_INPUT_SIZE or x.shape[3] < MIN_INPUT_SIZE:
+            raise ValueError(
+                f"images must be at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} (the global branch "
+                f"downsamples by 32), got {x.shape[2]}x{x.shape[3]}"
+            )
+
+    def _forward(self, x: Tensor) -> LAGNetOutput:
+        shared = self.stem(x)
+        g_s = self.global_branch(shared)
+        p_s = self.part_branch(shared)
+        la_s = self.la_branch(shared)
+        las = self.las(la_s)
+        d_f = self.drop(la_s, las.attention_maps)
+        g_d = global_pool(d_f, self.drop_pool)
+        glob = self.global_head(g_s)
+        part = self.part_head(p_s)
+        la = self.la_head(las.global_feature)
+        drop = self.drop_head(g_d)
+        features = [la.feature, drop.feature, glob.feature, part.feature]
+        features.extend(part.stripe_features.unbind(1))
+        logits = dict(
+            zip(
+                HEAD_NAMES,
+                [la.logits, drop.logits, glob.logits, part.logits, *part.stripe_logits.unbind(1)],
+                strict=True,
+            )
+        )
+        triplet = {
+            "global_reduced": glob.reduced,
+            "part_reduced": part.reduced,
+            "la_reduced": self.la_reduction(las.global_feature),
+            "drop_reduced": self.drop_reduction(g_d),
+        }
+        if self.variant == "reference":
+            triplet["part_bn"] = part.feature
+        else:
+            triplet["stripes_reduced"] = part.stripe_reduced.flatten(1)
+        return LAGNetOutput(
+            embedding=torch.cat(features, dim=1),
+            logits=logits,
+            triplet_features=triplet,
+            attention_features=las.attention_features,
+            attention_maps=las.attention_maps,
+        )
+
+    def embed(self, x: Tensor) -> Tensor:
+        """The embedding ``(B, 3, H, W) -> (B, 7*embed_dim)`` in the current mode."""
+        self._check_input(x)
+        return self._forward(x).embedding
+
+    def forward_train(self, x: Tensor) -> LAGNetOutput:
+        """All training outputs (works in either mode; batch norm follows the mode)."""
+        self._check_input(x)
+        if self.training and x.shape[0] < 2:
+            raise ValueError(
+                f"training-mode forward needs a batch of at least 2 images (batch norm over "
+                f"the batch), got batch size {x.shape[0]}; call model.eval() to embed one image"
+            )
+        return self._forward(x)
+
+    def forward(self, x: Tensor) -> Tensor | LAGNetOutput:
+        """Eval mode: the ``(B, 7*D)`` embedding. Training mode: a :class:`LAGNetOutput`."""
+        if self.training:
+            return self.forward_train(x)
+        return self.embed(x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"variant={self.variant!r}, backbone={self.backbone_name!r}, "
+            f"num_classes={self.num_classes}, num_attentions={self.num_attentions}"
+        )
+
+
+def build_lagnet(
+    num_classes: int,
+    *,
+    backbone: str = "resnet50",
+    variant: Variant = "paper",
+    num_attentions: int = 24,
+    embed_dim: int = 512,
+    reduce_dim: int = 256,
+    drop_threshold: float = 0.5,
+    backbone_weights: object = None,
+    weights: str | os.PathLike[str] | None = None,
+) -> LAGNet:
+    """Build a :class:`LAGNet`.
+
+    Args:
+        num_classes: training identities ``N`` (classifier size).
+        backbone: a torchvision ResNet name (resnet18/34/50/101/152).
+        variant: ``"paper"`` (the released code's departures from the paper fixed) or
+            ``"reference"`` (the released code exactly, REFERENCE.md).
+        num_attentions: ``K`` maps kept by the LAS.
+        embed_dim: size of each of the seven embedding heads.
+        reduce_dim: size of each reduction (triplet) head.
+        drop_threshold: BA-DropBlock threshold in ``(0, 1]``.
+        backbone_weights: path to a local torchvision ResNet state dict (ImageNet weights), or
+            a cached torchvision weights enum; never downloaded.
+        weights: path to a lagnet checkpoint (a state dict, or a dict holding one under
+            ``"model"``) to load, strictly.
+    """
+    model = LAGNet(
+        num_classes,
+        backbone=backbone,
+        variant=variant,
+        num_attentions=num_attentions,
+        embed_dim=embed_dim,
+        reduce_dim=reduce_dim,
+        drop_threshold=drop_threshold,
+        backbone_weights=backbone_weights,
+    )
+    if weights is not None:
+        state = load_state_dict_file(weights, what="weights")
+        load_checked(model, state, source=str(weights))
+    return model
+
+
+def load_checked(model: nn.Module, state: dict[str, Tensor], *, source: str) -> None:
+    """``load_state_dict`` that names every missing, unexpected or mis-shaped key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: expected {tuple(own[k].shape)}, got {tuple(v.shape)}"
+        for k, v in state.items()
+        if k in own and isinstance(v, Tensor) and v.shape != own[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys: {unexpected}")
+    if shapes:
+        problems.append(f"mis-shaped keys: {shapes}")
+    if problems:
+        name = type(model).__name__
+        raise ValueError(f"cannot load {source} into {name}: " + "; ".join(problems))
+    model.load_state_dict(state)

@@ -85,7 +85,8 @@ class BatchHardTripletLoss(nn.Module):
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         features = _check_2d(features, "features")
         labels = _check_labels(labels, features.shape[0])
-        dist = euclidean_distance_matrix(features.float())
+        x = features if features.dtype == torch.float64 else features.float()
+        dist = euclidean_distance_matrix(x)
         same = labels[:, None] == labels[None, :]
         d_ap = dist.masked_fill(~same, float("-inf")).amax(dim=1)
         d_an = dist.masked_fill(same, float("inf")).amin(dim=1)

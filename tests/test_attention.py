@@ -181,3 +181,31 @@ def test_errors() -> None:
 
 def test_extra_repr() -> None:
     assert "in_channels=8, num_attentions=2" in repr(LocalAttentionSystem(8, 2))
+
+
+def test_channel_sparse_backward_matches_dense_convolution() -> None:
+    torch.manual_seed(5)
+    las = LocalAttentionSystem(32, 3)
+    x = torch.randn(4, 32, 5, 3, requires_grad=True)
+    out = las(x)  # CPU training path: channel-sparse backward of the 1x1 convolution
+    out.attention_features.sum().backward()
+    assert x.grad is not None and las.conv.weight.grad is not None
+    gx, gw = x.grad.clone(), las.conv.weight.grad.clone()
+    # only the selected channels get a gradient
+    assert 0 < int((gw.abs().sum(dim=(1, 2, 3)) > 0).sum()) <= 4 * 3
+    x.grad = None
+    las.zero_grad()
+    z = las.conv(x)  # plain convolution, dense backward
+    att = torch.relu(las.bn(z))
+    from lagnet import local_attention_pool
+
+    local_attention_pool(x, att, 3).attention_features.sum().backward()
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, las.conv.weight.grad)
+
+
+def test_channel_sparse_conv_gradcheck() -> None:
+    conv = attention_module._ChannelSparseConv1x1
+    x = torch.randn(2, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, 1, 1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: conv.apply(a, b)[:, :3], (x, w))

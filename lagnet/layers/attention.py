@@ -69,31 +69,91 @@ def select_attention_maps(attention: Tensor, num_attentions: int) -> Tensor:
     return selected.view(b, num_attentions, h, w)
 
 
+def _capturing() -> bool:
+    """True while torch.compile, torch.export or the JIT tracer is capturing a graph."""
+    return bool(
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch._C._get_tracing_state() is not None
+    )
+
+
+class _ChannelSparseConv1x1(torch.autograd.Function):
+    """Bias-free 1x1 convolution whose backward skips output channels with no gradient.
+
+    Only the selected attention maps reach the loss, so most of the ``C`` output channels of
+    the attention convolution get an all-zero gradient; the backward matmuls run on the
+    channels that do not. Used on CPU only (finding the channels needs their count on the host).
+    """
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor) -> Tensor:
+        return nn.functional.conv2d(x, weight)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        b, c_in, h, w = x.shape
+        c_out = weight.shape[0]
+        gz = grad.reshape(b, c_out, h * w)
+        active = gz.abs().amax(dim=(0, 2)).nonzero().squeeze(1)
+        w2 = weight.reshape(c_out, c_in)
+        ga = gz.index_select(1, active)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.matmul(w2.index_select(0, active).t(), ga).view(b, c_in, h, w)
+            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+                gx = gx.contiguous(memory_format=torch.channels_last)
+        if ctx.needs_input_grad[1]:
+            gwa = torch.einsum("bun,bcn->uc", ga, x.reshape(b, c_in, h * w))
+            gw = w2.new_zeros(c_out, c_in).index_copy_(0, active, gwa).view_as(weight)
+        return gx, gw
+
+
 def _chunk_len(b: int, c: int, k: int, n: int) -> int:
     per_map = max(1, b * c * n)
     return max(1, min(k, _CHUNK_ELEMENTS // per_map))
 
 
 def _add_max(x: Tensor, a: Tensor, with_indices: bool) -> tuple[Tensor, Tensor | None]:
-    """``max_n(x[b, c, n] + a[b, k, n])`` -> ``(B, C, K)`` (and argmax), chunked over ``K``."""
+    """``max_n(x[b, c, n] + a[b, k, n])`` -> ``(B, C, K)`` (and argmax), chunked over ``K``.
+
+    Eager mode reuses one ``(B, C, k, N)`` buffer for every chunk (allocating a fresh one per
+    chunk costs more than the arithmetic); under a compiler the plain broadcast is traced so
+    that it can be fused into one reduction.
+    """
     b, c, n = x.shape
     k = a.shape[1]
-    step = _chunk_len(b, c, k, n)
     xs = x.unsqueeze(2)
-    values: list[Tensor] = []
-    indices: list[Tensor] = []
-    for k0 in range(0, k, step):
-        s = xs + a[:, k0 : k0 + step].unsqueeze(1)
+    if _capturing():
+        s = xs + a.unsqueeze(1)
         if with_indices:
             v, i = s.max(dim=3)
-            values.append(v)
-            indices.append(i)
+            return v, i
+        return s.amax(dim=3), None
+    step = _chunk_len(b, c, k, n)
+    chunks = -(-k // step)
+    if chunks * step != k:  # pad with -inf maps so that every chunk has the same size
+        pad = a.new_full((b, chunks * step - k, n), float("-inf"))
+        a = torch.cat([a, pad], dim=1)
+    buf = x.new_empty(b, c, step, n)
+    values = x.new_empty(chunks, b, c, step)
+    indices = torch.empty(chunks, b, c, step, dtype=torch.int64, device=x.device)
+    for j in range(chunks):
+        torch.add(xs, a[:, j * step : (j + 1) * step].unsqueeze(1), out=buf)
+        if with_indices:
+            torch.max(buf, dim=3, out=(values[j], indices[j]))
         else:
-            values.append(s.amax(dim=3))
-    out = values[0] if len(values) == 1 else torch.cat(values, dim=2)
+            torch.amax(buf, dim=3, out=values[j])
+    out = values.permute(1, 2, 0, 3).reshape(b, c, chunks * step)[:, :, :k]
     if not with_indices:
         return out, None
-    idx = indices[0] if len(indices) == 1 else torch.cat(indices, dim=2)
+    idx = indices.permute(1, 2, 0, 3).reshape(b, c, chunks * step)[:, :, :k]
     return out, idx
 
 
@@ -213,7 +273,17 @@ class LocalAttentionSystem(nn.Module):
 
     def attention(self, x: Tensor) -> Tensor:
         """All ``C`` non-negative attention maps: ``(B, C, H, W) -> (B, C, H, W)``."""
-        return torch.relu(self.bn(self.conv(x)))
+        weight = self.conv.weight
+        if (
+            x.device.type == "cpu"
+            and torch.is_grad_enabled()
+            and (x.requires_grad or weight.requires_grad)
+            and not _capturing()
+        ):
+            z = _ChannelSparseConv1x1.apply(x, weight)
+        else:
+            z = self.conv(x)
+        return torch.relu(self.bn(z))
 
     def forward(self, x: Tensor) -> LocalAttentionOutput:
         check_feature_map(x)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
-__all__ = ["BACKBONES", "ResNetSplit", "build_resnet", "load_state_dict_file", "split_resnet"]
+from lagnet.checkpoint import load_state_dict_file
+
+__all__ = ["BACKBONES", "ResNetSplit", "build_resnet", "split_resnet"]
 
 BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -26,36 +27,6 @@ _HOW_TO_GET_WEIGHTS = (
     ".state_dict(), 'resnet50.pth')` (or copy the file from ~/.cache/torch/hub/checkpoints), "
     "then pass backbone_weights='path/to/resnet50.pth'."
 )
-
-
-def load_state_dict_file(path: str | os.PathLike[str], *, what: str = "weights") -> dict[str, Any]:
-    """Load a state dict saved with ``torch.save`` with ``weights_only=True``.
-
-    Accepts a bare state dict or a checkpoint dict holding one under ``"model"``,
-    ``"state_dict"`` or ``"model_state_dict"``. A file that carries pickled code is refused.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} file not found: {str(p)!r}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError (or RuntimeError) for code
-        raise ValueError(
-            f"refusing to load {what} from {str(p)!r}: it is not a plain tensor checkpoint "
-            f"(torch.load with weights_only=True failed: {str(err).splitlines()[0]}). "
-            "Files that carry pickled code are never executed; re-save the state_dict alone."
-        ) from err
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict", "model_state_dict"):
-            inner = obj.get(key)
-            if isinstance(inner, dict):
-                obj = inner
-                break
-    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
-        raise ValueError(
-            f"{what} file {str(p)!r} does not hold a state dict (got {type(obj).__name__})"
-        )
-    return obj
 
 
 def build_resnet(name: str, weights: object = None) -> torchvision.models.ResNet:

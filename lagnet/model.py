@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from lagnet._validation import check_feature_map, check_positive_int
-from lagnet.backbones import BACKBONES, load_state_dict_file, split_resnet
+from lagnet.backbones import BACKBONES, split_resnet
+from lagnet.checkpoint import load_state_dict_file
 from lagnet.layers.attention import LocalAttentionSystem
 from lagnet.layers.dropblock import BatchAttentionDropBlock
 from lagnet.layers.heads import EmbeddingHead, MultiGranularityHead, ReductionHead

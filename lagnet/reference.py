@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from lagnet.backbones import load_state_dict_file
+from lagnet.checkpoint import load_state_dict_file
 from lagnet.model import LAGNet, load_checked
 
 __all__ = ["IGNORED_PREFIXES", "from_reference", "reference_key_to_lagnet"]

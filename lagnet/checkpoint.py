@@ -1,0 +1,88 @@
+"""Checkpoint files: atomic saves, and loads that never execute pickled code."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["load_checkpoint", "load_state_dict_file", "save_checkpoint"]
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Save ``obj`` with ``torch.save`` atomically: a temporary file in the same folder,
+    flushed to disk, then renamed over ``path``. A crash (even SIGKILL) mid-write leaves the
+    previous file intact, never a truncated one.
+    """
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"checkpoint folder does not exist: {str(target.parent)!r}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory file descriptors
+        return target
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return target
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    map_location: str | torch.device = "cpu",
+    what: str = "checkpoint",
+) -> Any:
+    """``torch.load(path, weights_only=True)`` with clear errors.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a plain tensor checkpoint (e.g. it carries pickled code,
+            which is never executed) or is corrupt.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} file not found: {str(p)!r}")
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as err:  # UnpicklingError for code, RuntimeError/EOFError for corruption
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"refusing to load {what} from {str(p)!r}: it is not a plain tensor checkpoint "
+            f"(torch.load with weights_only=True failed: {first}). Files that carry pickled "
+            "code are never executed; re-save the state_dict alone."
+        ) from err
+
+
+def load_state_dict_file(path: str | os.PathLike[str], *, what: str = "weights") -> dict[str, Any]:
+    """Load a state dict saved with ``torch.save`` (``weights_only=True``).
+
+    Accepts a bare state dict or a checkpoint dict holding one under ``"model"``,
+    ``"state_dict"`` or ``"model_state_dict"``.
+    """
+    obj = load_checkpoint(path, what=what)
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            inner = obj.get(key)
+            if isinstance(inner, dict):
+                obj = inner
+                break
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise ValueError(
+            f"{what} file {str(path)!r} does not hold a state dict ({type(obj).__name__})"
+        )
+    return obj

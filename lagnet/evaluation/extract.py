@@ -1,0 +1,176 @@
+"""Embedding extraction over a data loader (flip augmentation, L2 normalisation)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Features", "extract_features"]
+
+
+@dataclass(frozen=True, eq=False)
+class Features:
+    """Embeddings with their labels, on the CPU.
+
+    Attributes:
+        features: ``(N, D)`` float32 embeddings.
+        pids: ``(N,)`` int64 person ids.
+        camids: ``(N,)`` int64 camera ids.
+    """
+
+    features: torch.Tensor
+    pids: torch.Tensor
+    camids: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
+def _as_labels(values: Any, name: str, batch_size: int, batch_index: int) -> torch.Tensor:
+    labels = values if isinstance(values, torch.Tensor) else torch.as_tensor(values)
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"batch {batch_index}: {name} must be integers, got dtype {labels.dtype}")
+    labels = labels.reshape(-1) if labels.ndim == 0 else labels
+    if labels.ndim != 1 or labels.shape[0] != batch_size:
+        raise ValueError(
+            f"batch {batch_index}: {name} has shape {tuple(labels.shape)}, expected "
+            f"({batch_size},) to match the images"
+        )
+    return labels.detach().to("cpu", torch.int64)
+
+
+def _unpack(batch: Any, batch_index: int) -> tuple[torch.Tensor, Any, Any]:
+    if isinstance(batch, Mapping):
+        missing = [key for key in ("images", "pids", "camids") if key not in batch]
+        if missing:
+            raise ValueError(f"batch {batch_index}: dict batch is missing keys {missing}")
+        images, pids, camids = batch["images"], batch["pids"], batch["camids"]
+    elif isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
+        if len(batch) < 3:
+            raise ValueError(
+                f"batch {batch_index}: expected (images, pids, camids), got {len(batch)} items"
+            )
+        images, pids, camids = batch[0], batch[1], batch[2]
+    else:
+        raise TypeError(
+            f"batch {batch_index}: expected a (images, pids, camids) tuple or a dict, "
+            f"got {type(batch).__name__}"
+        )
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"batch {batch_index}: images must be a (B, C, H, W) tensor, got {shape}")
+    return images, pids, camids
+
+
+def _progress(loader: Iterable[Any], enabled: bool) -> Iterable[Any]:
+    if not enabled:
+        return loader
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return loader
+    total = len(loader) if isinstance(loader, Sized) else None
+    bar: Iterable[Any] = tqdm(loader, total=total, desc="extract", unit="batch", leave=False)
+    return bar
+
+
+def _embed(model: nn.Module, images: torch.Tensor, batch_index: int) -> torch.Tensor:
+    out = model(images)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"batch {batch_index}: the model must return a (B, D) tensor in eval mode, "
+            f"got {type(out).__name__}"
+        )
+    if out.ndim != 2 or out.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"batch {batch_index}: the model returned shape {tuple(out.shape)}, expected "
+            f"({images.shape[0]}, D)"
+        )
+    return out.float()
+
+
+def extract_features(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    flip: bool = True,
+    normalize: bool = True,
+    device: torch.device | str | None = None,
+    amp: bool = False,
+    progress: bool = True,
+) -> Features:
+    """Embed every image of ``loader`` with ``model``.
+
+    The model is put in eval mode and run under :func:`torch.inference_mode`; the previous
+    training mode of the model and of each of its submodules is restored afterwards, even on
+    error.
+
+    Args:
+        model: any module mapping ``(B, 3, H, W)`` images to ``(B, D)`` embeddings.
+        loader: iterable of ``(images, pids, camids)`` tuples (extra items are ignored) or
+            dicts with keys ``"images"``, ``"pids"``, ``"camids"``; images ``(B, C, H, W)``.
+        flip: add the embedding of the horizontally flipped image (width dimension) to that of
+            the image.
+        normalize: L2-normalise each (summed) embedding.
+        device: where to run the model; default: the device of its first parameter or buffer
+            (CPU for a module without any).
+        amp: run the model under :func:`torch.autocast` (float16 on CUDA, bfloat16 on CPU);
+            embeddings are summed and returned in float32.
+        progress: show a tqdm progress bar when tqdm is installed.
+
+    Returns:
+        :class:`Features` with ``(N, D)`` float32 embeddings and ``(N,)`` int64 ids/cameras.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if device is None:
+        tensors = iter([*model.parameters(), *model.buffers()])
+        first = next(tensors, None)
+        run_device = first.device if first is not None else torch.device("cpu")
+    else:
+        run_device = torch.device(device)
+    autocast_dtype = torch.float16 if run_device.type == "cuda" else torch.bfloat16
+
+    feats: list[torch.Tensor] = []
+    pids: list[torch.Tensor] = []
+    camids: list[torch.Tensor] = []
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    batches = _progress(loader, progress)
+    try:
+        with torch.inference_mode():
+            iterator: Iterator[Any] = iter(batches)
+            for index, batch in enumerate(iterator):
+                images, batch_pids, batch_camids = _unpack(batch, index)
+                size = images.shape[0]
+                pids.append(_as_labels(batch_pids, "pids", size, index))
+                camids.append(_as_labels(batch_camids, "camids", size, index))
+                images = images.to(run_device, non_blocking=True)
+                autocast = (
+                    torch.autocast(run_device.type, dtype=autocast_dtype)
+                    if amp
+                    else contextlib.nullcontext()
+                )
+                with autocast:
+                    emb = _embed(model, images, index)
+                    if flip:
+                        emb = emb + _embed(model, torch.flip(images, dims=[3]), index)
+                if normalize:
+                    emb = F.normalize(emb, dim=1)
+                feats.append(emb.cpu())
+    finally:
+        for module, training in modes:  # each submodule's own mode, e.g. frozen batch norms
+            module.training = training
+        close = getattr(batches, "close", None)
+        if batches is not loader and callable(close):
+            close()
+    if not feats:
+        raise ValueError("loader yielded no batches")
+    # concatenated outside inference mode, so the results are ordinary tensors
+    return Features(features=torch.cat(feats), pids=torch.cat(pids), camids=torch.cat(camids))

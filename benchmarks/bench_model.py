@@ -1,0 +1,92 @@
+"""Training-step and eval throughput (images/s) of build_lagnet() at 384x128.
+
+CPU always; CUDA too when present (AMP + channels_last there). Prints one line per setting and
+the eval/training ratio measured in the same run.
+
+    python benchmarks/bench_model.py [--backbone resnet50] [--batch 32] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from lagnet import LAGNetLoss, build_lagnet
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(args: argparse.Namespace, device: torch.device) -> tuple[float, float]:
+    torch.manual_seed(0)
+    cuda = device.type == "cuda"
+    model = build_lagnet(751, backbone=args.backbone, variant=args.variant).to(device)
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    loss_fn = LAGNetLoss(751, model.attention_dim).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4, amsgrad=True, fused=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    x = torch.randn(args.batch, 3, args.height, args.width, device=device)
+    x = x.contiguous(memory_format=fmt)
+    labels = torch.arange(args.batch // 4, device=device).repeat_interleave(4)
+
+    def train_step() -> None:
+        with torch.autocast(device.type, enabled=cuda):
+            loss, _ = loss_fn(model.forward_train(x), labels)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    def eval_step() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, enabled=cuda):
+            model.embed(x)
+
+    rates = []
+    for mode, step in (("train", train_step), ("eval", eval_step)):
+        model.train(mode == "train")
+        step()  # warm-up
+        sync(device)
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        rates.append(args.batch / min(times))
+    return rates[0], rates[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--variant", default="paper", choices=["paper", "reference"])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--height", type=int, default=384)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--cpu-only", action="store_true")
+    args = p.parse_args()
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available() and not args.cpu_only:
+        devices.append(torch.device("cuda"))
+    print(
+        f"build_lagnet(backbone={args.backbone!r}, variant={args.variant!r}), "
+        f"batch {args.batch} at {args.height}x{args.width}"
+    )
+    for device in devices:
+        train, evl = bench(args, device)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        extra = " (AMP + channels_last)" if device.type == "cuda" else ""
+        print(
+            f"  {name}{extra}, {torch.get_num_threads()} threads: training {train:8.1f} img/s"
+            f"   eval {evl:8.1f} img/s   eval/train {evl / train:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

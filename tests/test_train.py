@@ -1,0 +1,176 @@
+"""The reference training loop (examples/train.py) in its tiny preset."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from lagnet import LAGNetLoss, build_lagnet
+from lagnet.checkpoint import load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "examples" / "train.py"
+
+
+def load_train() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("lagnet_example_train", TRAIN)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def train() -> ModuleType:
+    return load_train()
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("synthetic") / "tiny"
+
+
+def tiny(output: Path, data_root: Path, *extra: str) -> list[str]:
+    return [
+        "--preset",
+        "tiny",
+        "--output",
+        str(output),
+        "--root",
+        str(data_root),
+        "--no-progress",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(
+    train: ModuleType, data_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("run2")
+    summary = train.main(tiny(out, data_root, "--epochs", "2"))
+    return out, summary
+
+
+def test_main_job_runs_end_to_end(two_epochs: tuple[Path, dict[str, Any]]) -> None:
+    out, summary = two_epochs
+    written = json.loads((out / "summary.json").read_text())
+    assert written == summary
+    assert set(written) == {"histogram", "untrained", "trained"}
+    for metrics in written.values():
+        assert set(metrics) == {"mAP", "rank1", "rank5", "mINP"}
+        assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    log = json.loads((out / "log.json").read_text())
+    assert [e["epoch"] for e in log] == [1, 2]
+    assert {"loss", "cross_entropy", "triplet", "center", "lr", "mAP"} <= set(log[-1])
+    assert (out / "last.pth").is_file() and (out / "best.pth").is_file()
+    ckpt = load_checkpoint(out / "last.pth")
+    assert ckpt["state"]["epoch"] == 2
+    model = build_lagnet(8, backbone="resnet18", num_attentions=4, weights=out / "best.pth")
+    assert model.num_classes == 8
+
+
+def test_resume_is_exact(
+    train: ModuleType, data_root: Path, tmp_path: Path, two_epochs: tuple[Path, dict[str, Any]]
+) -> None:
+    full, _ = two_epochs
+    out = tmp_path / "resumed"
+    train.main(tiny(out, data_root, "--epochs", "1"))
+    assert load_checkpoint(out / "last.pth")["state"]["epoch"] == 1
+    train.main(tiny(out, data_root, "--epochs", "2", "--resume"))
+    a, b = load_checkpoint(full / "last.pth"), load_checkpoint(out / "last.pth")
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
+    torch.testing.assert_close(
+        a["criterion"]["center.centers"], b["criterion"]["center.centers"], rtol=0, atol=0
+    )
+    assert a["state"]["history"] == b["state"]["history"]
+    assert (
+        json.loads((full / "summary.json").read_text())["trained"]
+        == json.loads((out / "summary.json").read_text())["trained"]
+    )
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+    train: ModuleType, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "nan"
+    train.main(tiny(out, data_root, "--epochs", "1"))
+    good = load_checkpoint(out / "last.pth")
+    original = LAGNetLoss.forward
+
+    def broken(self: LAGNetLoss, output: Any, labels: torch.Tensor) -> Any:
+        total, parts = original(self, output, labels)
+        return total * float("nan"), parts
+
+    monkeypatch.setattr(LAGNetLoss, "forward", broken)
+    with pytest.raises(SystemExit, match="loss became nan at epoch 2; stopping.*last.pth"):
+        train.main(tiny(out, data_root, "--epochs", "2", "--resume"))
+    kept = load_checkpoint(out / "last.pth")
+    assert kept["state"]["epoch"] == 1
+    for key in good["model"]:
+        assert torch.equal(kept["model"][key], good["model"][key])
+
+
+def test_ddp_two_processes_on_cpu(data_root: Path, tmp_path: Path, two_epochs: Any) -> None:
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", "29517", str(TRAIN), *tiny(out, data_root, "--epochs", "1"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = load_checkpoint(out / "last.pth")
+    assert ckpt["state"]["epoch"] == 1
+    model = build_lagnet(8, backbone="resnet18", num_attentions=4, weights=out / "last.pth")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_sigkill_during_checkpoint_write_never_corrupts(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pth"
+    save_checkpoint({"step": torch.tensor(-1), "blob": torch.zeros(10)}, path)
+    script = (
+        "import sys, torch\n"
+        "from lagnet.checkpoint import save_checkpoint\n"
+        "blob = torch.randn(4_000_000)\n"
+        "print('ready', flush=True)\n"
+        "for i in range(10_000):\n"
+        "    save_checkpoint({'step': torch.tensor(i), 'blob': blob + i}, sys.argv[1])\n"
+    )
+    for delay in (0.05, 0.2, 0.45):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = load_checkpoint(path)  # always a complete file
+        step = int(ckpt["step"])
+        if step >= 0:
+            assert torch.equal(ckpt["blob"][:3], (ckpt["blob"] - step)[:3] + step)
+            assert ckpt["blob"].numel() == 4_000_000
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["ckpt.pth"]
+
+
+def test_save_checkpoint_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="checkpoint folder does not exist"):
+        save_checkpoint({}, tmp_path / "missing" / "x.pth")
+    bad = tmp_path / "truncated.pth"
+    save_checkpoint({"a": torch.zeros(1000)}, bad)
+    bad.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(ValueError, match="refusing to load checkpoint"):
+        load_checkpoint(bad)

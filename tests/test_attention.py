@@ -27,11 +27,15 @@ def naive_part_pool(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("b", "c", "k", "h", "w"), [(2, 8, 3, 5, 3), (3, 16, 16, 7, 4), (1, 4, 1, 1, 1)]
 )
-def test_part_pool_matches_naive_loops(b: int, c: int, k: int, h: int, w: int) -> None:
+def test_part_pool_matches_naive_loops(
+    b: int, c: int, k: int, h: int, w: int, device: torch.device
+) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, c, h, w, generator=g)
     maps = torch.rand(b, k, h, w, generator=g)
-    torch.testing.assert_close(attention_part_pool(x, maps), naive_part_pool(x, maps))
+    got = attention_part_pool(x.to(device), maps.to(device))
+    assert got.device.type == device.type
+    torch.testing.assert_close(got.cpu(), naive_part_pool(x, maps))
 
 
 def test_select_attention_maps_descending_energy() -> None:
@@ -54,15 +58,18 @@ def test_signed_sqrt_l2_layout_and_norm() -> None:
 
 
 @pytest.mark.parametrize(("c", "k", "h", "w"), [(16, 4, 6, 3), (32, 32, 5, 5), (64, 24, 9, 2)])
-def test_las_shapes(c: int, k: int, h: int, w: int) -> None:
-    las = LocalAttentionSystem(c, k)
-    out = las(torch.randn(3, c, h, w))
+def test_las_shapes(c: int, k: int, h: int, w: int, device: torch.device) -> None:
+    las = LocalAttentionSystem(c, k).to(device)
+    x = torch.randn(3, c, h, w, device=device, requires_grad=True)
+    out = las(x)
+    out.attention_features.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
     assert out.part_features.shape == (3, c, k)
     assert out.attention_maps.shape == (3, k, h, w)
     assert out.attention_features.shape == (3, k * c)
     assert out.global_feature.shape == (3, c)
     assert torch.all(out.attention_maps >= 0)
-    torch.testing.assert_close(out.attention_features.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(out.attention_features.norm(dim=1), torch.ones(3, device=device))
     torch.testing.assert_close(
         out.global_feature, out.part_features.amax(2) + out.part_features.mean(2)
     )

@@ -122,3 +122,16 @@ def test_train_triplet_loss(train_output: LAGNetOutput, vectors: dict[str, Any],
     got = BatchHardTripletLoss(margin=1.2)(train_output.triplet_features[name], labels)
     want = torch.tensor(vectors["train_mode"]["triplet_margin_1.2"][name])
     torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_eval_embedding_on_cuda(reference_model: LAGNet, vectors: dict[str, Any]) -> None:
+    x, _, _ = reference_inputs(vectors)
+    model = reference_model.cuda().eval()
+    try:
+        with torch.no_grad():
+            emb = model.embed(x.cuda()).cpu()
+    finally:
+        reference_model.cpu()
+    torch.testing.assert_close(emb, expected(vectors["embedding"]), **TOL)

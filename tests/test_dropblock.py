@@ -23,19 +23,23 @@ def test_eval_and_disabled_return_input_itself() -> None:
     assert batch_attention_drop_block(x, training=False) is x
 
 
-def test_dropped_area_is_the_thresholded_region_exactly() -> None:
+def test_dropped_area_is_the_thresholded_region_exactly(device: torch.device) -> None:
     g = torch.Generator().manual_seed(0)
     b, k, h, w = 6, 5, 7, 3
-    x = torch.randn(b, 4, h, w, generator=g) + 5.0
-    maps = torch.rand(b, k, h, w, generator=g) ** 3
-    drop = BatchAttentionDropBlock(threshold=0.4, generator=torch.Generator().manual_seed(11))
+    x = (torch.randn(b, 4, h, w, generator=g) + 5.0).to(device)
+    maps = (torch.rand(b, k, h, w, generator=g) ** 3).to(device)
+    drop = BatchAttentionDropBlock(
+        threshold=0.4, generator=torch.Generator(device=device).manual_seed(11)
+    )
     out = drop.train()(x, maps)
     # Replay the draw: weights sqrt(energy + 1e-12), one multinomial sample per row.
     weights = torch.sqrt(maps.sum(dim=(2, 3)) + 1e-12)
     idx = torch.multinomial(
-        weights / weights.sum(1, keepdim=True), 1, generator=torch.Generator().manual_seed(11)
+        weights / weights.sum(1, keepdim=True),
+        1,
+        generator=torch.Generator(device=device).manual_seed(11),
     )
-    chosen = maps[torch.arange(b), idx[:, 0]]
+    chosen = maps[torch.arange(b, device=device), idx[:, 0]]
     dropped = chosen >= 0.4 * chosen.amax(dim=(1, 2), keepdim=True)
     assert dropped.any(dim=(1, 2)).all()
     expected = x * (~dropped).unsqueeze(1)

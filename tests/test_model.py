@@ -225,3 +225,21 @@ def test_bad_input() -> None:
         ValueError, match=r"images must have shape \(B, C, H, W\), got shape \(3, 64, 32\)"
     ):
         model(torch.randn(3, 64, 32))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_amp_channels_last_training_step() -> None:
+    model = small().cuda().to(memory_format=torch.channels_last).train()
+    loss_fn = LAGNetLoss(5, model.attention_dim).cuda()
+    x = torch.randn(4, 3, 64, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = model.forward_train(x)
+        total, _ = loss_fn(out, torch.tensor([0, 0, 1, 1], device="cuda"))
+    total.backward()
+    assert torch.isfinite(total)
+    assert all(p.grad is not None for p in model.las.parameters())
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        emb = model.embed(x)
+    assert emb.shape == (4, 3584) and torch.isfinite(emb).all()

@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         net.train()
         sampler.set_epoch(epoch)
         sums: dict[str, float] = {}
+        lr = optimizer.param_groups[0]["lr"]
         bar = progress(
             train_loader,
             not args.no_progress,
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         scheduler.step()
-        entry: dict[str, float] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        entry: dict[str, float] = {"epoch": epoch + 1, "lr": lr}
         entry.update({k: v / max(1, len(train_loader)) for k, v in sums.items()})
         evaluate_now = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
         if is_main() and evaluate_now:

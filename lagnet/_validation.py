@@ -5,15 +5,24 @@ from __future__ import annotations
 from torch import Tensor
 
 
-def check_feature_map(x: object, name: str = "x") -> Tensor:
-    """Check that ``x`` is a floating-point ``(B, C, H, W)`` tensor and return it."""
+def check_float_tensor(x: object, name: str, layout: str) -> Tensor:
+    """Check that ``x`` is a floating-point tensor with as many dims as ``layout`` names.
+
+    ``layout`` is written like ``"(B, C, H, W)"`` and appears in the error message.
+    """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 4:
-        raise ValueError(f"{name} must have shape (B, C, H, W), got shape {tuple(x.shape)}")
+    ndim = layout.count(",") + 1
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D with shape {layout}, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     return x
+
+
+def check_feature_map(x: object, name: str = "x") -> Tensor:
+    """Check that ``x`` is a floating-point ``(B, C, H, W)`` tensor and return it."""
+    return check_float_tensor(x, name, "(B, C, H, W)")
 
 
 def check_channels(x: Tensor, expected: int, name: str = "x") -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lagnet._validation import check_positive_int
+from lagnet._validation import check_float_tensor, check_positive_int
 
 __all__ = [
     "AttentionCenterLoss",
@@ -33,13 +33,7 @@ def _check_labels(labels: object, batch: int, name: str = "labels") -> Tensor:
 
 
 def _check_2d(x: object, name: str) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must have shape (B, D), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    return x
+    return check_float_tensor(x, name, "(B, D)")
 
 
 class CrossEntropyLoss(nn.Module):

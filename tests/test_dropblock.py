@@ -187,13 +187,18 @@ def test_errors() -> None:
     with pytest.raises(ValueError, match="unknown region 'pixel'"):
         BatchAttentionDropBlock(region="pixel")  # type: ignore[arg-type]
     drop = BatchAttentionDropBlock()
-    with pytest.raises(ValueError, match=r"x must have shape \(B, C, H, W\), got shape \(2, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"x must be 4-D with shape \(B, C, H, W\), got shape \(2, 3\)"
+    ):
         drop(torch.randn(2, 3))
     with pytest.raises(TypeError, match="floating-point tensor, got dtype torch.int32"):
         drop(torch.ones(2, 3, 4, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="attention_maps has batch size 3 but x has 2"):
         drop(torch.randn(2, 3, 4, 4), torch.rand(3, 2, 4, 4))
-    with pytest.raises(ValueError, match=r"attention_maps must have shape \(B, C, H, W\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"attention_maps must be 4-D with shape \(B, K, H, W\), got shape \(2, 4, 4\)",
+    ):
         drop(torch.randn(2, 3, 4, 4), torch.rand(2, 4, 4))
 
 

@@ -222,7 +222,7 @@ def test_bad_input() -> None:
     ):
         model(torch.zeros(2, 3, 64, 32, dtype=torch.uint8))
     with pytest.raises(
-        ValueError, match=r"images must have shape \(B, C, H, W\), got shape \(3, 64, 32\)"
+        ValueError, match=r"images must be 4-D with shape \(B, C, H, W\), got shape \(3, 64, 32\)"
     ):
         model(torch.randn(3, 64, 32))
 

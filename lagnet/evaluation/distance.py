@@ -7,6 +7,8 @@ from typing import Literal, TypeAlias
 import torch
 import torch.nn.functional as F
 
+from lagnet._validation import check_float_tensor
+
 from .metrics import CmcMode, IdsLike, RankResult, _check_positive_int, _make_accumulator
 
 __all__ = ["evaluate_features", "pairwise_distance"]
@@ -21,13 +23,7 @@ DEFAULT_BLOCK_ROWS = 256
 
 
 def _check_features(x: object, name: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (num_items, dim), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got dtype {x.dtype}")
-    return x
+    return check_float_tensor(x, name, "(num_items, dim)")
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor, x_name: str, y_name: str) -> torch.dtype:

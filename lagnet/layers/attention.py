@@ -19,7 +19,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lagnet._validation import check_channels, check_feature_map, check_positive_int
+from lagnet._validation import (
+    check_channels,
+    check_feature_map,
+    check_float_tensor,
+    check_positive_int,
+)
 
 __all__ = [
     "LocalAttentionOutput",
@@ -56,7 +61,7 @@ def select_attention_maps(attention: Tensor, num_attentions: int) -> Tensor:
 
     Maps come out in descending order of energy (``torch.topk``, sorted).
     """
-    check_feature_map(attention, "attention")
+    check_float_tensor(attention, "attention", "(B, M, H, W)")
     check_positive_int(num_attentions, "num_attentions")
     b, m, h, w = attention.shape
     if num_attentions > m:
@@ -197,7 +202,7 @@ def attention_part_pool(features: Tensor, attention_maps: Tensor) -> Tensor:
     form (``avg(x) + avg(A_k)``); the max term in chunks, with an argmax-based backward.
     """
     check_feature_map(features, "features")
-    check_feature_map(attention_maps, "attention_maps")
+    check_float_tensor(attention_maps, "attention_maps", "(B, K, H, W)")
     b, _, h, w = features.shape
     if attention_maps.shape[0] != b or attention_maps.shape[2:] != features.shape[2:]:
         raise ValueError(

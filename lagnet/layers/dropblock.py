@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lagnet._validation import check_feature_map
+from lagnet._validation import check_feature_map, check_float_tensor
 
 __all__ = [
     "BatchAttentionDropBlock",
@@ -80,7 +80,7 @@ def attention_drop_mask(
         if attention_maps is None:
             maps = _default_attention(x)
         else:
-            check_feature_map(attention_maps, "attention_maps")
+            check_float_tensor(attention_maps, "attention_maps", "(B, K, H, W)")
             if attention_maps.shape[0] != b:
                 raise ValueError(
                     f"attention_maps has batch size {attention_maps.shape[0]} but x has {b} "

@@ -21,18 +21,35 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(args: argparse.Namespace, device: torch.device) -> tuple[float, float]:
+def training_rate(
+    device: torch.device,
+    *,
+    backbone: str,
+    height: int,
+    width: int,
+    P: int = 8,
+    K: int = 4,
+    num_attentions: int = 24,
+    variant: str = "paper",
+    num_classes: int = 751,
+    lr: float = 2e-4,
+    steps: int = 3,
+    eval_too: bool = False,
+) -> tuple[float, float]:
+    """Best images/s of full training steps (and of eval forwards when ``eval_too``)."""
     torch.manual_seed(0)
     cuda = device.type == "cuda"
-    model = build_lagnet(751, backbone=args.backbone, variant=args.variant).to(device)
+    model = build_lagnet(
+        num_classes, backbone=backbone, variant=variant, num_attentions=num_attentions
+    ).to(device)  # type: ignore[arg-type]
     fmt = torch.channels_last if cuda else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    loss_fn = LAGNetLoss(751, model.attention_dim).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-4, amsgrad=True, fused=True)
+    loss_fn = LAGNetLoss(num_classes, model.attention_dim).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, amsgrad=True, fused=True)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
-    x = torch.randn(args.batch, 3, args.height, args.width, device=device)
-    x = x.contiguous(memory_format=fmt)
-    labels = torch.arange(args.batch // 4, device=device).repeat_interleave(4)
+    batch = P * K
+    x = torch.randn(batch, 3, height, width, device=device).contiguous(memory_format=fmt)
+    labels = torch.arange(P, device=device).repeat_interleave(K)
 
     def train_step() -> None:
         with torch.autocast(device.type, enabled=cuda):
@@ -48,16 +65,19 @@ def bench(args: argparse.Namespace, device: torch.device) -> tuple[float, float]
 
     rates = []
     for mode, step in (("train", train_step), ("eval", eval_step)):
+        if mode == "eval" and not eval_too:
+            rates.append(float("nan"))
+            break
         model.train(mode == "train")
         step()  # warm-up
         sync(device)
         times = []
-        for _ in range(args.steps):
+        for _ in range(steps):
             start = time.perf_counter()
             step()
             sync(device)
             times.append(time.perf_counter() - start)
-        rates.append(args.batch / min(times))
+        rates.append(batch / min(times))
     return rates[0], rates[1]
 
 
@@ -79,7 +99,16 @@ def main() -> None:
         f"batch {args.batch} at {args.height}x{args.width}"
     )
     for device in devices:
-        train, evl = bench(args, device)
+        train, evl = training_rate(
+            device,
+            backbone=args.backbone,
+            variant=args.variant,
+            height=args.height,
+            width=args.width,
+            P=args.batch // 4,
+            steps=args.steps,
+            eval_too=True,
+        )
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         extra = " (AMP + channels_last)" if device.type == "cuda" else ""
         print(

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_model import training_rate
 from torch.utils.data import DataLoader
 
-from lagnet import LAGNetLoss, build_lagnet
 from lagnet.data import (
     ImageDataset,
     Market1501,
@@ -61,36 +61,6 @@ def pipeline_rate(root: Path, cfg: dict[str, Any], batches: int, workers: int) -
     return n / (time.perf_counter() - start)
 
 
-def train_rate(cfg: dict[str, Any], steps: int, device: torch.device) -> float:
-    torch.manual_seed(0)
-    cuda = device.type == "cuda"
-    model = build_lagnet(100, backbone=cfg["backbone"], num_attentions=cfg["num_attentions"]).to(
-        device
-    )
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    loss_fn = LAGNetLoss(100, model.attention_dim).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], amsgrad=True, fused=True)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
-    b = cfg["P"] * cfg["K"]
-    x = torch.randn(b, 3, cfg["height"], cfg["width"], device=device)
-    labels = torch.arange(cfg["P"], device=device).repeat_interleave(cfg["K"])
-    times = []
-    for i in range(steps + 1):
-        start = time.perf_counter()
-        with torch.autocast(device.type, enabled=cuda):
-            loss, _ = loss_fn(model.forward_train(x), labels)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        if cuda:
-            torch.cuda.synchronize(device)
-        if i:
-            times.append(time.perf_counter() - start)
-    return b / min(times)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", help="synthetic dataset folder (generated if missing)")
@@ -113,7 +83,18 @@ def main() -> None:
         data = pipeline_rate(root, cfg, args.batches, args.workers)
         line = f"{name:18s} data pipeline {data:8.1f} img/s"
         for device in devices:
-            rate = train_rate(cfg, args.steps, device)
+            rate, _ = training_rate(
+                device,
+                backbone=cfg["backbone"],
+                height=cfg["height"],
+                width=cfg["width"],
+                P=cfg["P"],
+                K=cfg["K"],
+                num_attentions=cfg["num_attentions"],
+                num_classes=100,
+                lr=cfg["lr"],
+                steps=args.steps,
+            )
             line += f" | training on {device.type} {rate:7.1f} img/s (pipeline {data / rate:.1f}x)"
         print(line)
 

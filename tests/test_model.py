@@ -130,7 +130,7 @@ def test_channels_last_input_matches() -> None:
 def test_compile_fullgraph_eval_model() -> None:
     model = small().eval()
     x = torch.randn(2, 3, 64, 32)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
 

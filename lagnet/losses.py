@@ -6,6 +6,7 @@ import re
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -101,12 +102,24 @@ class AttentionCenterLoss(nn.Module):
     ``beta * mean_i(f_i.detach() - c_hat_i)`` over that class's samples (the released code
     keeps one arbitrary sample per class; the mean is its well-defined generalisation).
 
+    Under ``torch.distributed`` (``sync_distributed=True``, the default) the update uses the
+    features and labels of every rank (all-gathered; equal batch sizes are required, as
+    :class:`~lagnet.data.DistributedPKSampler` gives), so the centers stay identical on all
+    ranks; the loss itself uses the local batch.
+
     Shapes: ``features (B, D)``, ``labels (B,)`` in ``[0, num_classes)`` -> scalar.
     """
 
     centers: Tensor
 
-    def __init__(self, num_classes: int, feature_dim: int, beta: float = 0.05) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        feature_dim: int,
+        beta: float = 0.05,
+        *,
+        sync_distributed: bool = True,
+    ) -> None:
         super().__init__()
         check_positive_int(num_classes, "num_classes")
         check_positive_int(feature_dim, "feature_dim")
@@ -115,6 +128,7 @@ class AttentionCenterLoss(nn.Module):
         self.num_classes = num_classes
         self.feature_dim = feature_dim
         self.beta = float(beta)
+        self.sync_distributed = bool(sync_distributed)
         self.register_buffer("centers", torch.zeros(num_classes, feature_dim))
 
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
@@ -129,11 +143,23 @@ class AttentionCenterLoss(nn.Module):
         diff = features - c_hat.to(features.dtype)
         loss = diff.pow(2).sum() / features.shape[0]
         if self.training and self.beta > 0:
-            with torch.no_grad():
-                counts = torch.bincount(labels, minlength=self.num_classes).to(self.centers.dtype)
-                step = diff.detach().to(self.centers.dtype) * (self.beta / counts[labels])[:, None]
-                self.centers.index_add_(0, labels, step)
+            self._update(features.detach(), labels)
         return loss
+
+    @torch.no_grad()
+    def _update(self, features: Tensor, labels: Tensor) -> None:
+        if self.sync_distributed and dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size()
+            if world > 1:
+                gathered_f = features.new_empty(world * features.shape[0], features.shape[1])
+                gathered_y = labels.new_empty(world * labels.shape[0])
+                dist.all_gather_into_tensor(gathered_f, features.contiguous())
+                dist.all_gather_into_tensor(gathered_y, labels.contiguous())
+                features, labels = gathered_f, gathered_y
+        c_hat = F.normalize(self.centers[labels], dim=1)
+        diff = features.to(self.centers.dtype) - c_hat
+        counts = torch.bincount(labels, minlength=self.num_classes).to(self.centers.dtype)
+        self.centers.index_add_(0, labels, diff * (self.beta / counts[labels])[:, None])
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, feature_dim={self.feature_dim}, beta={self.beta}"

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,3 +154,31 @@ def test_bad_input() -> None:
         BatchHardTripletLoss(-1.0)
     with pytest.raises(ValueError, match="triplet_weight must be >= 0, got -2"):
         LAGNetLoss(3, 6, triplet_weight=-2)
+
+
+def _center_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    loss = AttentionCenterLoss(4, 3, beta=0.5)
+    g = torch.Generator().manual_seed(rank)
+    features = torch.randn(2, 3, generator=g)
+    labels = torch.tensor([rank, 2])  # class 2 on both ranks
+    loss(features, labels)
+    torch.save({"centers": loss.centers, "features": features, "labels": labels}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_center_update_is_synchronised_across_ranks(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "centers")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_center_worker, args=(2, init, out), nprocs=2, join=True)
+    r0, r1 = (torch.load(f"{out}.{r}") for r in (0, 1))
+    torch.testing.assert_close(r0["centers"], r1["centers"], rtol=0, atol=0)
+    # the same as one process seeing both batches
+    single = AttentionCenterLoss(4, 3, beta=0.5)
+    single(torch.cat([r0["features"], r1["features"]]), torch.cat([r0["labels"], r1["labels"]]))
+    torch.testing.assert_close(r0["centers"], single.centers)
+    assert r0["centers"][3].abs().sum() == 0  # class 3 never seen

@@ -339,11 +339,13 @@ def save_checkpoint_json(obj: Any, path: Path) -> None:
 
 
 def plot(history: list[dict[str, float]], output: Path) -> None:
+    from lagnet.viz import plot_training_curves, save_figure
+
     try:
-        from lagnet.viz import plot_training_curves, save_figure
-    except ImportError:  # matplotlib is an optional extra
+        fig = plot_training_curves(history, metric_keys=("mAP", "rank1", "rank5", "mINP"))
+    except ImportError:  # matplotlib is an optional extra: no plot, the JSON log has it all
         return
-    save_figure(plot_training_curves(history), output / "curves.png")
+    save_figure(fig, output / "curves.png")
 
 
 if __name__ == "__main__":

@@ -265,6 +265,109 @@ def test_rows_where_most_items_precede_a_match(
     assert calls
 
 
+SPECIAL_DISTANCES = np.array([-np.inf, -1e30, -1.0, -0.0, 0.0, 1e-40, 0.5, 1.0, 1e30, np.inf])
+
+
+@st.composite
+def deep_match_problems(draw: st.DrawFn) -> tuple[npt.NDArray[Any], ...]:
+    """Problems whose matches tend to sit deep in the ranking (the bucket path's case), with
+    distractors (id 0), same-camera items to remove, and values that tie or are extreme."""
+    nq = draw(st.integers(1, 8))
+    ng = draw(st.integers(1, 60))
+    n_ids = draw(st.integers(1, 4))
+    n_cams = draw(st.integers(1, 3))
+    q_pids = draw(hnp.arrays(np.int64, nq, elements=st.integers(0, n_ids)))
+    g_pids = draw(hnp.arrays(np.int64, ng, elements=st.integers(0, n_ids)))
+    q_cams = draw(hnp.arrays(np.int64, nq, elements=st.integers(0, n_cams - 1)))
+    g_cams = draw(hnp.arrays(np.int64, ng, elements=st.integers(0, n_cams - 1)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["uniform", "integers", "special", "one_value", "far"]))
+    if kind == "uniform":
+        dist = rng.random((nq, ng))
+    elif kind == "integers":  # many exact ties between matches and other items
+        dist = rng.integers(0, draw(st.integers(1, 5)), (nq, ng)).astype(np.float64)
+    elif kind == "special":
+        dist = rng.choice(SPECIAL_DISTANCES, (nq, ng))
+    elif kind == "one_value":  # every match of a row at one distance (zero span)
+        dist = rng.random((nq, ng))
+        dist[g_pids[None, :] == q_pids[:, None]] = 0.75
+    else:  # values far from zero relative to their spread
+        dist = 1e6 + rng.random((nq, ng))
+    if draw(st.booleans()):  # push the matches to the end of the ranking
+        dist = np.where(g_pids[None, :] == q_pids[:, None], dist + 1.0, dist)
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    return dist.astype(dtype), q_pids, g_pids, q_cams, g_cams
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    problem=deep_match_problems(),
+    max_buckets=st.sampled_from([64, 128, 8192]),
+    chunk_elements=st.sampled_from([1, 40, 1 << 18]),
+)
+def test_bucket_path_matches_reference(
+    problem: tuple[npt.NDArray[Any], ...], max_buckets: int, chunk_elements: int
+) -> None:
+    """Every row with a match goes through the bucket path (few buckets, small chunks)."""
+    import lagnet.evaluation.metrics as metrics
+
+    dist, q_pids, g_pids, q_cams, g_cams = problem
+    ref = reference_eval(dist, q_pids, g_pids, q_cams, g_cams, 10)
+    if ref["num_valid"] == 0:
+        return
+    calls = []
+    original = metrics._ranks_by_sorted_rows
+
+    def counting(*args: Any) -> Any:
+        calls.append(1)
+        return original(*args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(metrics, "_ranks_by_sorted_rows", counting)
+        mp.setattr(metrics, "_DEEP_DIVISOR", 10**9)  # any row with a candidate
+        mp.setattr(metrics, "_MAX_BUCKETS", max_buckets)
+        mp.setattr(metrics, "_CHUNK_ELEMENTS", chunk_elements)
+        res = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=10)
+    assert calls
+    assert_same(res, ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bucket_path_on_mixed_rows(
+    dtype: type[np.floating[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deep rows (bucket path, in several chunks of non-adjacent rows) next to shallow rows
+    (sorted candidates) in the same blocks, with ties, a single match per row and -0.0."""
+    import lagnet.evaluation.metrics as metrics
+
+    rng = np.random.default_rng(4)
+    nq, ng = 120, 3000
+    q_pids, g_pids = rng.integers(1, 40, nq), rng.integers(0, 40, ng)
+    q_cams, g_cams = rng.integers(0, 3, nq), rng.integers(0, 3, ng)
+    # id 99: one image in camera 0 (removed for its queries) and one in camera 1, their match
+    g_pids[:2], g_cams[:2] = 99, [0, 1]
+    q_pids[::7], q_cams[::7] = 99, 0
+    dist = rng.random((nq, ng))
+    dist[::3] = np.round(dist[::3], 2)  # ties
+    dist[1::3] = rng.choice(np.array([-0.5, -0.0, 0.0, 0.5]), (len(dist[1::3]), ng))
+    same = g_pids[None, :] == q_pids[:, None]
+    shallow = rng.random(nq) < 0.5
+    dist[shallow] = np.where(same[shallow], dist[shallow] - 2.0, dist[shallow])
+    dist = dist.astype(dtype)
+    calls = []
+    original = metrics._ranks_by_sorted_rows
+
+    def counting(*args: Any) -> Any:
+        calls.append(args[1].size)
+        return original(*args)
+
+    monkeypatch.setattr(metrics, "_ranks_by_sorted_rows", counting)
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 5 * ng)
+    ref = reference_eval(dist, q_pids, g_pids, q_cams, g_cams, 25)
+    assert_same(evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=25), ref)
+    assert 10 < sum(calls) < nq  # both paths were used
+
+
 @pytest.mark.parametrize("dtype", [np.uint32, np.uint64, np.int32, np.int8])
 def test_integer_distances(dtype: type[np.integer[Any]]) -> None:
     rng = np.random.default_rng(2)

@@ -16,11 +16,12 @@ Only the ranks of the correct matches are needed, not a full argsort of every ro
 the largest match distance ``t`` is found; only items with distance ``<= t`` can precede a match.
 When those are a small part of the row (the usual case for a useful embedding) they are gathered
 and sorted by (distance, gallery index), and the ranks are read off that short list. Rows where
-most items precede the last match have their values sorted (no index payload) and the match
-distances looked up with a batched binary search; rows where a match ties with another item go
-through the exact path. Everything is vectorised over blocks of queries with NumPy (plus
-``torch.searchsorted``), so no compiled extension is needed and memory stays bounded by the block
-size whatever the gallery size.
+a sizeable part of the items can precede the last match (float distances) are not sorted at all:
+their items are put in equal-width buckets spanning the match distances by a monotone function
+of the distance, a histogram counts the items in the buckets below each match, and only the few
+items that share a bucket with a match are sorted (by distance, then gallery index), which keeps
+ties exact. Everything is vectorised over blocks of queries with NumPy, so no compiled extension
+is needed and memory stays bounded by the block size whatever the gallery size.
 
 Per-query AP sums the precisions left to right in rank order, so it is bit-for-bit reproducible
 against a plain sequential implementation; the classic evaluator's ``numpy.sum`` (pairwise
@@ -50,6 +51,14 @@ BoolArray: TypeAlias = "npt.NDArray[np.bool_]"
 # Work on blocks of at most this many distance entries at a time (about 16 MiB of float32);
 # the temporaries of one block are a few times that.
 _BLOCK_ELEMENTS = 1 << 22
+# Buckets per row (at most) and items per chunk of the deep-match path, see
+# _ranks_by_sorted_rows.
+_MAX_BUCKETS = 8192
+_CHUNK_ELEMENTS = 1 << 18
+# Rows where more than 1 / _DEEP_DIVISOR of the items can precede a match take that path (the
+# fraction is estimated on about _DEEP_SAMPLES evenly spaced gallery items).
+_DEEP_DIVISOR = 16
+_DEEP_SAMPLES = 512
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -262,41 +271,113 @@ def _ranks_by_sorted_rows(
     dist: npt.NDArray[Any],
     rows: IntArray,
     match_row: IntArray,
-    match_val: npt.NDArray[Any],
+    match_col: IntArray,
     removed_row: IntArray,
-    removed_val: npt.NDArray[Any],
-) -> tuple[IntArray, BoolArray]:
-    """Ranks of the matches of the (float) rows ``dist[rows]``, for rows where most items
-    precede some match: each row's values are sorted and the matches looked up in them.
+    removed_col: IntArray,
+) -> IntArray:
+    """Ranks of the matches of the float rows ``dist[rows]``, for rows where many items can
+    precede the last match; no row is sorted (the name is historical).
 
-    ``match_row`` / ``removed_row`` index into ``rows``. The rank of match ``j`` is one plus the
-    number of row items below its distance, minus the removed (same id and camera) ones below
-    it. A match whose distance equals that of another kept item needs the gallery-index
-    tie-break; such rows are flagged in the second output, and their ranks are not valid."""
-    num_rows = rows.size
-    ordered = dist[rows]
-    ordered.sort(axis=1)
-    per_row = np.bincount(match_row, minlength=num_rows)
-    k = np.arange(match_row.size) - (np.cumsum(per_row) - per_row)[match_row]
-    padded = np.zeros((num_rows, int(per_row.max())), dtype=dist.dtype)
-    padded[match_row, k] = match_val
-    seq, val = torch.from_numpy(ordered), torch.from_numpy(padded)
-    below = torch.searchsorted(seq, val, side="left").numpy()[match_row, k]
-    equal = torch.searchsorted(seq, val, side="right").numpy()[match_row, k] - below
-    # removed items below / equal to each match: pair every match with its row's removed ones
-    removed_per_row = np.bincount(removed_row, minlength=num_rows)
-    reps = removed_per_row[match_row]
-    first_removed = (np.cumsum(removed_per_row) - removed_per_row)[match_row]
-    pair_match = np.repeat(np.arange(match_row.size), reps)
-    pair_removed = np.arange(int(reps.sum())) + np.repeat(
-        first_removed - (np.cumsum(reps) - reps), reps
+    ``match_row`` / ``removed_row`` index into ``rows`` (the matches in row order) and the
+    ``*_col`` into the gallery. Each row gets up to ``_MAX_BUCKETS`` buckets of equal width
+    spanning its match distances, plus one below, one above and one for its removed items, and
+    every item goes in one by a non-decreasing function of its distance: an item in a lower
+    bucket than a match is before it in the ranked list, one in a higher bucket after it. So the
+    rank of match ``j`` is one plus the number of kept items in lower buckets (a histogram and
+    a cumulative sum) plus the number of kept items in its own bucket that come before it in
+    (distance, gallery index) order, found by sorting the few items that share a bucket with
+    some match. Every step is exact, ties included, whatever the values: a skewed distribution
+    only makes the shared buckets fuller. Returns the ranks in the order of the matches."""
+    num_gallery = dist.shape[1]
+    # W buckets per row (a power of two): about 8 items per bucket, from 64 to _MAX_BUCKETS
+    width = min(_MAX_BUCKETS, max(64, 1 << max(0, num_gallery // 8 - 1).bit_length()))
+    # rows per chunk: a cache-friendly number of items, and row * W + bucket < 2**21 so that
+    # float32 holds the global bucket ids exactly with 1/8 resolution
+    chunk = max(1, min(_CHUNK_ELEMENTS // num_gallery, (1 << 21) // width))
+    chunk = min(chunk, rows.size)
+    scratch = np.empty((chunk, num_gallery), dtype=dist.dtype)
+    bucket = np.empty((chunk, num_gallery), dtype=np.int64)
+    ranks = np.empty(match_row.size, dtype=np.int64)
+    bounds = np.arange(0, rows.size + chunk, chunk)
+    match_bounds = np.searchsorted(match_row, bounds)
+    removed_bounds = np.searchsorted(removed_row, bounds)
+    for c, a in enumerate(bounds[:-1].tolist()):
+        b = min(rows.size, a + chunk)
+        m0, m1 = int(match_bounds[c]), int(match_bounds[c + 1])
+        r0, r1 = int(removed_bounds[c]), int(removed_bounds[c + 1])
+        contiguous = int(rows[b - 1] - rows[a]) == b - a - 1
+        ranks[m0:m1] = _bucket_ranks(
+            dist[int(rows[a]) : int(rows[a]) + b - a] if contiguous else dist[rows[a:b]],
+            match_row[m0:m1] - a,
+            match_col[m0:m1],
+            removed_row[r0:r1] - a,
+            removed_col[r0:r1],
+            width,
+            scratch[: b - a],
+            bucket[: b - a],
+        )
+    return ranks
+
+
+def _bucket_ranks(
+    block: npt.NDArray[Any],
+    match_row: IntArray,
+    match_col: IntArray,
+    removed_row: IntArray,
+    removed_col: IntArray,
+    width: int,
+    scratch: npt.NDArray[Any],
+    bucket_2d: IntArray,
+) -> IntArray:
+    """:func:`_ranks_by_sorted_rows` on one chunk of rows (each with a match), with scratch
+    arrays of the block's shape (float of its dtype, and int64)."""
+    num_rows, num_gallery = block.shape
+    dtype = block.dtype
+    match_val = block[match_row, match_col]
+    lo = np.full(num_rows, np.inf)
+    hi = np.full(num_rows, -np.inf)
+    np.minimum.at(lo, match_row, match_val)
+    np.maximum.at(hi, match_row, match_val)
+    # Any finite offset and positive finite scale give a non-decreasing bucket function (and no
+    # NaN); these spread the row's match distances over buckets 1 to W - 3.
+    lo[~np.isfinite(lo)] = 0.0
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        scale = ((width - 4) / (hi - lo)).astype(dtype)
+    # all matches at one distance (or a span too small for the dtype): only items at that
+    # distance share its bucket
+    scale[~(np.isfinite(scale) & (scale > 0))] = 2.0**100
+    first = np.arange(num_rows, dtype=np.int64) * width  # global id of each row's bucket 0
+    with np.errstate(over="ignore"):  # an infinite result is clipped like any large one
+        np.subtract(block, lo.astype(dtype)[:, None], out=scratch)
+        scratch *= scale[:, None]
+        scratch += (first + 1).astype(dtype)[:, None]
+    np.clip(
+        scratch,
+        first.astype(dtype)[:, None],
+        (first + width - 2).astype(dtype)[:, None],
+        out=bucket_2d,
+        casting="unsafe",  # exact: integral values below 2**21 (truncated, i.e. floored)
     )
-    mv, rv = match_val[pair_match], removed_val[pair_removed]
-    below -= np.bincount(pair_match[rv < mv], minlength=match_row.size)
-    equal -= np.bincount(pair_match[rv == mv], minlength=match_row.size)
-    tied = np.zeros(num_rows, dtype=np.bool_)
-    tied[match_row[equal > 1]] = True
-    return below + 1, tied
+    bucket = bucket_2d.reshape(-1)
+    bucket[removed_row * num_gallery + removed_col] = removed_row * width + width - 1
+    match_flat = match_row * num_gallery + match_col
+    match_bucket = bucket[match_flat]
+    hist = np.bincount(bucket, minlength=num_rows * width)
+    before = np.cumsum(hist) - hist  # kept items in lower buckets, of this row and earlier ones
+    # Items sharing a bucket with a match, in (row, gallery index) order, then sorted stably by
+    # (bucket, distance): a match's position in its bucket counts the items it has left.
+    shared = np.zeros(num_rows * width, dtype=np.bool_)
+    shared[match_bucket] = True
+    flat = np.flatnonzero(shared[bucket])
+    flat_bucket = bucket[flat]
+    order = _stable_order_by_row_and_value(flat_bucket, block.reshape(-1)[flat])
+    position = np.empty(flat.size, dtype=np.int64)
+    position[order] = np.arange(flat.size, dtype=np.int64)
+    in_bucket = position[np.searchsorted(flat, match_flat)] - np.searchsorted(
+        flat_bucket[order], match_bucket
+    )
+    ranks: IntArray = 1 + before[match_bucket] - before[match_row * width] + in_bucket
+    return ranks
 
 
 def _rank_block(
@@ -311,9 +392,9 @@ def _rank_block(
 
     Per row, only items with a distance ``<=`` the largest match distance can precede a match.
     When they are a small part of the row (typical of a useful embedding) they are gathered
-    and sorted by (row, distance, index). Rows where they are most of the row are handled by
-    :func:`_ranks_by_sorted_rows` instead, unless ``need_candidates`` (CUHK03 mode) asks for
-    the gathered lists of every row."""
+    and sorted by (row, distance, index). Float rows where they are more than
+    ``1 / _DEEP_DIVISOR`` of the row are handled by :func:`_ranks_by_sorted_rows` instead,
+    unless ``need_candidates`` (CUHK03 mode) asks for the gathered lists of every row."""
     num_rows, num_gallery = dist.shape
     row_ids = np.arange(num_rows, dtype=np.int64)
 
@@ -338,33 +419,52 @@ def _rank_block(
     if valid.any():
         seg_starts = (np.cumsum(num_matches) - num_matches)[valid]
         threshold[valid] = np.maximum.reduceat(match_val, seg_starts)
-    below = dist <= threshold[:, None]
-    below[~valid] = False
-
     ranked_row: list[IntArray] = []
     ranked: list[IntArray] = []
+    shallow_mask = valid.copy()
     if not need_candidates and dist.dtype in (np.float32, np.float64):
-        dense = np.flatnonzero(np.count_nonzero(below, axis=1) > num_gallery // 4)
+        # Deep rows: estimate how many items are <= the threshold from evenly spaced runs of
+        # 16 adjacent items (only the choice of path depends on it, both paths are exact).
+        runs = _DEEP_SAMPLES // 16
+        period = num_gallery // runs
+        if period >= 32 and dist.flags.c_contiguous:  # (the reshape is then a view)
+            sample = dist[:, : runs * period].reshape(num_rows, runs, period)[:, :, :16]
+            count = np.count_nonzero(sample <= threshold[:, None, None], axis=(1, 2))
+            deep = valid & (count * _DEEP_DIVISOR > runs * 16)
+        else:
+            count = np.count_nonzero(dist <= threshold[:, None], axis=1)
+            deep = valid & (count * _DEEP_DIVISOR > num_gallery)
+        dense = np.flatnonzero(deep)
         if dense.size:
             local = np.full(num_rows, -1, dtype=np.int64)
             local[dense] = np.arange(dense.size)
             in_m, in_r = local[rows] >= 0, local[removed_row] >= 0
-            rank, tied = _ranks_by_sorted_rows(
-                dist,
-                dense,
-                local[rows[in_m]],
-                match_val[in_m],
-                local[removed_row[in_r]],
-                dist[removed_row[in_r], removed_col[in_r]],
+            ranked_row.append(rows[in_m])
+            ranked.append(
+                _ranks_by_sorted_rows(
+                    dist,
+                    dense,
+                    local[rows[in_m]],
+                    gidx[in_m],
+                    local[removed_row[in_r]],
+                    removed_col[in_r],
+                )
             )
-            done = ~tied[local[rows[in_m]]]
-            ranked_row.append(rows[in_m][done])
-            ranked.append(rank[done])
-            below[dense[~tied]] = False
+            shallow_mask &= ~deep
 
-    flat = np.flatnonzero(below)
-    cand_row = flat // num_gallery
-    cand_col = flat - cand_row * num_gallery
+    shallow = np.flatnonzero(shallow_mask)
+    if 2 * shallow.size > num_rows:
+        below = dist <= threshold[:, None]
+        below[~shallow_mask] = False
+        flat = np.flatnonzero(below)
+        cand_row = flat // num_gallery
+        cand_col = flat - cand_row * num_gallery
+    else:  # mostly deep rows: only look at the others
+        flat = np.flatnonzero(dist[shallow] <= threshold[shallow, None])
+        cand_row = flat // num_gallery
+        cand_col = flat - cand_row * num_gallery
+        cand_row = shallow[cand_row]
+        flat = cand_row * num_gallery + cand_col
     same_pid = gallery.pids[cand_col] == q_pids[cand_row]
     keep = ~(same_pid & (gallery.camids[cand_col] == q_camids[cand_row]))
     flat, cand_row, cand_col, is_match = flat[keep], cand_row[keep], cand_col[keep], same_pid[keep]

@@ -109,3 +109,12 @@ def test_multi_granularity_errors() -> None:
         MultiGranularityHead(8, 7, stripes_from="rows")
     with pytest.raises(ValueError, match="num_stripes must be >= 1, got 0"):
         stripe_pool(torch.randn(1, 2, 3, 3), 0)
+
+
+def test_multi_granularity_head_compiles_fullgraph() -> None:
+    head = MultiGranularityHead(8, 7, num_stripes=3, embed_dim=6, reduce_dim=4).eval()
+    x = torch.randn(2, 8, 7, 3)
+    compiled = torch.compile(head, fullgraph=True)
+    with torch.no_grad():
+        for a, b in zip(compiled(x), head(x), strict=True):
+            torch.testing.assert_close(a, b)

@@ -14,7 +14,6 @@ trained network on the same test split (also written to ``OUTPUT/summary.json``)
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -26,7 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from lagnet import LAGNet, LAGNetLoss, LAGNetOutput, build_lagnet
-from lagnet.checkpoint import load_checkpoint, save_checkpoint
+from lagnet.checkpoint import load_checkpoint, save_checkpoint, save_json
 from lagnet.data import (
     DistributedPKSampler,
     ImageDataset,
@@ -309,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             checkpoint(args.output / "best.pth")
         if is_main():
             checkpoint(last)
-            save_checkpoint_json(state["history"], args.output / "log.json")
+            save_json(state["history"], args.output / "log.json")
             plot(state["history"], args.output)
         if dist.is_initialized():
             dist.barrier()
@@ -321,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             summary["trained"] = {
                 k: state["history"][-1][k] for k in ("mAP", "rank1", "rank5", "mINP")
             }
-        save_checkpoint_json(summary, args.output / "summary.json")
+        save_json(summary, args.output / "summary.json")
         log(f"\ntrained {args.epochs} epochs in {elapsed:.0f} s; results on the test split:")
         log(f"{'':12s} {'mAP':>7s} {'rank-1':>7s} {'rank-5':>7s} {'mINP':>7s}")
         for name, m in summary.items():
@@ -329,13 +328,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary
-
-
-def save_checkpoint_json(obj: Any, path: Path) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def plot(history: list[dict[str, float]], output: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_checkpoint", "load_state_dict_file", "save_checkpoint"]
+__all__ = ["load_checkpoint", "load_state_dict_file", "save_checkpoint", "save_json"]
 
 
 def save_checkpoint(obj: Any, path: str | os.PathLike[str]) -> Path:
@@ -86,3 +87,20 @@ def load_state_dict_file(path: str | os.PathLike[str], *, what: str = "weights")
             f"{what} file {str(path)!r} does not hold a state dict ({type(obj).__name__})"
         )
     return obj
+
+
+def save_json(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``obj`` as indented JSON atomically (temporary file in the same folder, rename)."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"folder does not exist: {str(target.parent)!r}")
+    text = json.dumps(obj, indent=2)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

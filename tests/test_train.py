@@ -174,3 +174,16 @@ def test_save_checkpoint_errors(tmp_path: Path) -> None:
     bad.write_bytes(bad.read_bytes()[:100])
     with pytest.raises(ValueError, match="refusing to load checkpoint"):
         load_checkpoint(bad)
+
+
+def test_save_json_is_atomic_and_checked(tmp_path: Path) -> None:
+    from lagnet.checkpoint import save_json
+
+    path = save_json({"a": [1, 2.5]}, tmp_path / "x.json")
+    assert json.loads(path.read_text()) == {"a": [1, 2.5]}
+    with pytest.raises(TypeError):
+        save_json({"bad": object()}, path)
+    assert json.loads(path.read_text()) == {"a": [1, 2.5]}  # the old file survives
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+    with pytest.raises(FileNotFoundError, match="folder does not exist"):
+        save_json({}, tmp_path / "no" / "x.json")

@@ -75,8 +75,8 @@ def _infer_num_classes(state: Mapping[str, Tensor]) -> int:
     return int(state[key].shape[0])
 
 
-def _infer_geometry(state: Mapping[str, Tensor]) -> tuple[str, int, int, int]:
-    """backbone name, num_attentions (default), embed_dim, reduce_dim."""
+def _infer_geometry(state: Mapping[str, Tensor]) -> tuple[str, int, int]:
+    """backbone name, embed_dim, reduce_dim."""
     conv = state.get("attentions.conv.weight")
     channels = int(conv.shape[0]) if conv is not None else 2048
     embed = state.get("classifier_gs.fc_block1.2.weight")
@@ -91,7 +91,6 @@ def _infer_geometry(state: Mapping[str, Tensor]) -> tuple[str, int, int, int]:
         backbone = {6: "resnet50", 23: "resnet101", 36: "resnet152"}.get(n_layer3, "resnet50")
     return (
         backbone,
-        24,
         int(embed.shape[0]) if embed is not None else 512,
         int(reduce.shape[0]) if reduce is not None else 256,
     )
@@ -134,7 +133,7 @@ def from_reference(
             f"num_classes={num_classes} does not match the checkpoint's classifiers "
             f"({inferred} classes)"
         )
-    backbone, _, embed_dim, reduce_dim = _infer_geometry(state)
+    backbone, embed_dim, reduce_dim = _infer_geometry(state)
     unknown = []
     mapped: dict[str, Tensor] = {}
     for key, value in state.items():

@@ -398,6 +398,33 @@ def _series(
     return x_out, y_out
 
 
+def _plot_panel(
+    ax: Any,
+    history: Sequence[Mapping[str, Any]],
+    xs: list[float],
+    keys: Sequence[str],
+    x_key: str,
+    title: str,
+    empty: str,
+    *,
+    loss: bool,
+) -> None:
+    """One panel of :func:`plot_training_curves`: a line per key present in ``history``."""
+    plotted = 0
+    for key in keys:
+        x, y = _series(history, key, xs)
+        if y:
+            marker = ("." if len(y) < 30 else None) if loss else "o"
+            ax.plot(x, y, marker=marker, label=key)
+            plotted += 1
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(x_key)
+    if plotted:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, empty, ha="center", va="center")
+
+
 def plot_training_curves(
     history: Sequence[Mapping[str, Any]],
     *,
@@ -452,30 +479,10 @@ def plot_training_curves(
 
     fig = _figure(10.0, 4.0, _check_dpi(dpi))
     loss_ax, metric_ax = fig.subplots(1, 2)
-    plotted = 0
-    for key in loss_keys:
-        x, y = _series(history, key, xs)
-        if y:
-            loss_ax.plot(x, y, marker="." if len(y) < 30 else None, label=key)
-            plotted += 1
-    loss_ax.set_title("losses", fontsize=10)
-    loss_ax.set_xlabel(x_key)
-    if plotted:
-        loss_ax.legend(fontsize=8)
-    else:
-        loss_ax.text(0.5, 0.5, "no loss values", ha="center", va="center")
-    plotted = 0
-    for key in metric_keys:
-        x, y = _series(history, key, xs)
-        if y:
-            metric_ax.plot(x, y, marker="o", label=key)
-            plotted += 1
-    metric_ax.set_title("evaluation", fontsize=10)
-    metric_ax.set_xlabel(x_key)
-    if plotted:
-        metric_ax.legend(fontsize=8)
-    else:
-        metric_ax.text(0.5, 0.5, "not evaluated yet", ha="center", va="center")
+    _plot_panel(loss_ax, history, xs, loss_keys, x_key, "losses", "no loss values", loss=True)
+    _plot_panel(
+        metric_ax, history, xs, metric_keys, x_key, "evaluation", "not evaluated yet", loss=False
+    )
     for ax in (loss_ax, metric_ax):
         ax.grid(True, alpha=0.3)
     fig.tight_layout()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lagnet._io import atomic_write
 
 __all__ = ["load_checkpoint", "load_state_dict_file", "save_checkpoint", "save_json"]
 
@@ -21,25 +22,7 @@ def save_checkpoint(obj: Any, path: str | os.PathLike[str]) -> Path:
     target = Path(path)
     if not target.parent.is_dir():
         raise FileNotFoundError(f"checkpoint folder does not exist: {str(target.parent)!r}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory file descriptors
-        return target
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return target
+    return atomic_write(target, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(
@@ -91,16 +74,5 @@ def load_state_dict_file(path: str | os.PathLike[str], *, what: str = "weights")
 
 def save_json(obj: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``obj`` as indented JSON atomically (temporary file in the same folder, rename)."""
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise FileNotFoundError(f"folder does not exist: {str(target.parent)!r}")
-    text = json.dumps(obj, indent=2)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    data = json.dumps(obj, indent=2).encode()
+    return atomic_write(path, lambda f: f.write(data), durable=False)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lagnet._io import atomic_write
 from lagnet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lagnet.model import MIN_INPUT_SIZE
 
@@ -464,11 +464,6 @@ def to_onnx(
         f"{OUTPUT_NAME} (B, {dim})"
     )
     onnx.checker.check_model(proto)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        onnx.save_model(proto, os.fspath(tmp))
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    data = proto.SerializeToString()
+    atomic_write(out_path, lambda f: f.write(data))
     return out_path

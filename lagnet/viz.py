@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib
 import os
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, SupportsFloat, TypeGuard
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lagnet._io import atomic_write
 from lagnet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
@@ -522,11 +522,6 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: float | None 
         )
     if dpi is not None:
         dpi = _check_dpi(dpi)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        fig.savefig(tmp, format=fmt, dpi="figure" if dpi is None else dpi)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    resolution: Any = "figure" if dpi is None else dpi
+    atomic_write(out, lambda f: fig.savefig(f, format=fmt, dpi=resolution), durable=False)
     return out

@@ -1,114 +1,107 @@
 """lagnet: LAG-Net person re-identification in PyTorch.
 
-Stand-alone layers (:class:`LocalAttentionSystem`, :class:`BatchAttentionDropBlock`,
-:class:`MultiGranularityHead`), the full network (:func:`build_lagnet`), its losses, and
-:func:`from_reference` for checkpoints of the authors' released code.
+The top level holds the network and its three stand-alone layers; everything else lives in its
+subpackage: :mod:`lagnet.layers` (all layers and their functional forms), :mod:`lagnet.losses`,
+:mod:`lagnet.data`, :mod:`lagnet.evaluation`, :mod:`lagnet.engine`, :mod:`lagnet.checkpoint`,
+:mod:`lagnet.export`, :mod:`lagnet.viz`.
 """
 
 from __future__ import annotations
 
-from lagnet.backbones import BACKBONES
-from lagnet.checkpoint import load_checkpoint, save_checkpoint
-from lagnet.data import (
-    CUHK03NP,
-    MSMT17,
-    DistributedPKSampler,
-    DukeMTMCreID,
-    ImageDataset,
-    Market1501,
-    PKSampler,
-    ReIDFolder,
-    build_dataset,
-    build_transforms,
-    generate_synthetic_market,
-)
-from lagnet.evaluation import (
-    Features,
-    RankResult,
-    evaluate_features,
-    evaluate_rank,
-    extract_features,
-    mean_average_precision,
-    pairwise_distance,
-    re_ranking,
-)
-from lagnet.layers import (
-    BatchAttentionDropBlock,
-    EmbeddingHead,
-    GlobalPool,
-    LocalAttentionOutput,
-    LocalAttentionSystem,
-    MultiGranularityHead,
-    ReductionHead,
-    attention_drop_mask,
-    attention_part_pool,
-    batch_attention_drop_block,
-    global_pool,
-    local_attention_pool,
-    select_attention_maps,
-    signed_sqrt_l2,
-    stripe_pool,
-)
-from lagnet.losses import (
-    AttentionCenterLoss,
-    BatchHardTripletLoss,
-    CrossEntropyLoss,
-    LAGNetLoss,
-    parse_loss_spec,
-)
-from lagnet.model import HEAD_NAMES, VARIANTS, LAGNet, LAGNetOutput, build_lagnet
+import importlib
+import warnings
+from typing import Any
+
+from lagnet.layers import BatchAttentionDropBlock, LocalAttentionSystem, MultiGranularityHead
+from lagnet.losses import LAGNetLoss
+from lagnet.model import LAGNet, LAGNetOutput, build_lagnet
 from lagnet.reference import from_reference
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
-    "BACKBONES",
-    "CUHK03NP",
-    "HEAD_NAMES",
-    "MSMT17",
-    "VARIANTS",
-    "AttentionCenterLoss",
     "BatchAttentionDropBlock",
-    "BatchHardTripletLoss",
-    "CrossEntropyLoss",
-    "DistributedPKSampler",
-    "DukeMTMCreID",
-    "EmbeddingHead",
-    "Features",
-    "GlobalPool",
-    "ImageDataset",
     "LAGNet",
     "LAGNetLoss",
     "LAGNetOutput",
-    "LocalAttentionOutput",
     "LocalAttentionSystem",
-    "Market1501",
     "MultiGranularityHead",
-    "PKSampler",
-    "RankResult",
-    "ReIDFolder",
-    "ReductionHead",
     "__version__",
-    "attention_drop_mask",
-    "attention_part_pool",
-    "batch_attention_drop_block",
-    "build_dataset",
     "build_lagnet",
-    "build_transforms",
-    "evaluate_features",
-    "evaluate_rank",
-    "extract_features",
     "from_reference",
-    "generate_synthetic_market",
-    "global_pool",
-    "load_checkpoint",
-    "local_attention_pool",
-    "mean_average_precision",
-    "pairwise_distance",
-    "parse_loss_spec",
-    "re_ranking",
-    "save_checkpoint",
-    "select_attention_maps",
-    "signed_sqrt_l2",
-    "stripe_pool",
 ]
+
+# Names that lived at the top level in 0.1.0.dev0: they keep working for one release, with a
+# DeprecationWarning that names their new import.
+_MOVED: dict[str, str] = {
+    **dict.fromkeys(("BACKBONES",), "lagnet.backbones"),
+    **dict.fromkeys(("HEAD_NAMES", "VARIANTS"), "lagnet.model"),
+    **dict.fromkeys(("load_checkpoint", "save_checkpoint"), "lagnet.checkpoint"),
+    **dict.fromkeys(
+        (
+            "CUHK03NP",
+            "MSMT17",
+            "DistributedPKSampler",
+            "DukeMTMCreID",
+            "ImageDataset",
+            "Market1501",
+            "PKSampler",
+            "ReIDFolder",
+            "build_dataset",
+            "build_transforms",
+            "generate_synthetic_market",
+        ),
+        "lagnet.data",
+    ),
+    **dict.fromkeys(
+        (
+            "Features",
+            "RankResult",
+            "evaluate_features",
+            "evaluate_rank",
+            "extract_features",
+            "mean_average_precision",
+            "pairwise_distance",
+            "re_ranking",
+        ),
+        "lagnet.evaluation",
+    ),
+    **dict.fromkeys(
+        (
+            "EmbeddingHead",
+            "GlobalPool",
+            "LocalAttentionOutput",
+            "ReductionHead",
+            "attention_drop_mask",
+            "attention_part_pool",
+            "batch_attention_drop_block",
+            "global_pool",
+            "local_attention_pool",
+            "select_attention_maps",
+            "signed_sqrt_l2",
+            "stripe_pool",
+        ),
+        "lagnet.layers",
+    ),
+    **dict.fromkeys(
+        ("AttentionCenterLoss", "BatchHardTripletLoss", "CrossEntropyLoss", "parse_loss_spec"),
+        "lagnet.losses",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lagnet' has no attribute {name!r}")
+    warnings.warn(
+        f"lagnet.{name} moved: use `from {module} import {name}` "
+        "(the top-level name will be removed in the next release)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

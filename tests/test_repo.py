@@ -30,5 +30,5 @@ def test_ci_runs_the_readme_test_command_exactly() -> None:
 
 def test_pyproject_declares_ranges_not_pins() -> None:
     text = (ROOT / "pyproject.toml").read_text()
-    assert '"torch>=2.1"' in text and '"torchvision>=0.16"' in text
+    assert '"torch>=2.4"' in text and '"torchvision>=0.19"' in text
     assert "==" not in text.split("[project.optional-dependencies]")[0]

@@ -92,19 +92,20 @@ class LAGNet(nn.Module):
         self.las = LocalAttentionSystem(c, num_attentions)
         self.drop = BatchAttentionDropBlock(threshold=drop_threshold)
         self.global_head = MultiGranularityHead(
-            c, num_classes, num_stripes=0, embed_dim=embed_dim, reduce_dim=reduce_dim
+            c, num_classes=num_classes, num_stripes=0, embed_dim=embed_dim, reduce_dim=reduce_dim
         )
         self.part_head = MultiGranularityHead(
             c,
-            num_classes,
+            num_classes=num_classes,
             num_stripes=3,
             embed_dim=embed_dim,
             reduce_dim=reduce_dim,
             stripes_from="pooled" if variant == "reference" else "map",
         )
-        self.la_head = EmbeddingHead(c, embed_dim, num_classes)
+        # keywords after the first argument: robust to the heads' argument order
+        self.la_head = EmbeddingHead(c, num_classes=num_classes, embed_dim=embed_dim)
         self.la_reduction = ReductionHead(c, reduce_dim)
-        self.drop_head = EmbeddingHead(c, embed_dim, num_classes)
+        self.drop_head = EmbeddingHead(c, num_classes=num_classes, embed_dim=embed_dim)
         self.drop_reduction = ReductionHead(c, reduce_dim)
         self.drop_pool: Literal["max+max", "max+avg"] = (
             "max+max" if variant == "reference" else "max+avg"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from torch import Tensor
+import torch
+from torch import Tensor, dtype
 
 
 def check_float_tensor(x: object, name: str, layout: str) -> Tensor:
@@ -101,3 +102,36 @@ def check_same_device(x: Tensor, other: Tensor, x_name: str, other_name: str) ->
             f"{other_name} is on {other.device} but {x_name} is on {x.device}; "
             f"move both to the same device"
         )
+
+
+def autocast_dtype(device_type: str) -> dtype | None:
+    """The autocast dtype active for ``device_type`` (``"cpu"``, ``"cuda"``), else ``None``."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return (
+            torch.get_autocast_dtype(device_type)
+            if torch.is_autocast_enabled(device_type)
+            else None
+        )
+    if device_type == "cpu":  # pragma: no cover - torch < 2.4
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    if device_type == "cuda":  # pragma: no cover - torch < 2.4
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    return None  # pragma: no cover
+
+
+def check_input_dtype(x: Tensor, expected: dtype, name: str, owner: str) -> None:
+    """Raise a TypeError naming both dtypes if ``x`` cannot meet parameters of dtype ``expected``.
+
+    Outside autocast the dtypes must be equal. Under autocast for ``x``'s device, ``x`` may also
+    be float32 or the autocast dtype (autocast casts those); float64 and others still raise.
+    """
+    if x.dtype == expected:
+        return
+    cast_to = autocast_dtype(x.device.type)
+    if cast_to is not None and x.dtype in (torch.float32, cast_to):
+        return
+    raise TypeError(
+        f"{name} has dtype {x.dtype} but the parameters of {owner} are {expected}; cast the "
+        f"input (x.to({expected})) or the module (module.to({x.dtype})), or run under "
+        "torch.autocast"
+    )

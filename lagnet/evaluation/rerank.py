@@ -4,20 +4,27 @@ Encoding", CVPR 2017), sparse and vectorised."""
 from __future__ import annotations
 
 import itertools
-import numbers
 from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from .metrics import _BLOCK_ELEMENTS, _check_positive_int
+from . import _shared
+from ._kreciprocal import (
+    F32Array,
+    SparseJaccard,
+    check_rerank_params,
+    expanded_sets,
+    gaussian_weights,
+    query_expansion,
+    sq32,
+)
 
 __all__ = ["re_ranking"]
 
 DistT = TypeVar("DistT", npt.NDArray[Any], torch.Tensor)
 
-F32Array = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 
 
@@ -42,38 +49,24 @@ def _to_numpy(x: object, name: str) -> npt.NDArray[Any]:
     return arr
 
 
-def _check_finite(arr: npt.NDArray[Any], name: str) -> None:
-    if arr.size and not (np.isfinite(arr.min()) and np.isfinite(arr.max())):
+def _check_values(arr: npt.NDArray[Any], name: str) -> None:
+    """Refuse NaN, infinite and negative distances (similarities passed by mistake)."""
+    if arr.size == 0:
+        return
+    low, high = arr.min(), arr.max()
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise ValueError(f"{name} contains NaN or infinite distances")
-
-
-def check_rerank_params(
-    k1: object, k2: object, lambda_value: object, num_query: int, num_gallery: int
-) -> tuple[int, int, float]:
-    """Validate re-ranking parameters for ``num_query`` queries and ``num_gallery`` gallery
-    items; returns ``(k1, k2, lambda_value)``."""
-    k1_ = _check_positive_int(k1, "k1")
-    k2_ = _check_positive_int(k2, "k2")
-    total = num_query + num_gallery
-    if k1_ > num_gallery or k1_ > total - 1:
+    if low < -NEGATIVE_TOLERANCE * max(1.0, float(abs(high))):
         raise ValueError(
-            f"k1={k1_} is larger than the gallery ({num_gallery} items; query + gallery - 1 = "
-            f"{total - 1}): the k1 nearest neighbours do not exist"
+            f"{name} contains negative distances (min {float(low):.6g}): re_ranking expects "
+            "distances (smaller is more similar), not similarities; pass 1 - similarity or "
+            "a distance from pairwise_distance"
         )
-    if k2_ > total:
-        raise ValueError(f"k2={k2_} is larger than query + gallery = {total}")
-    if isinstance(lambda_value, bool) or not isinstance(lambda_value, numbers.Real):
-        raise TypeError(f"lambda_value must be a real number, got {type(lambda_value).__name__}")
-    lam = float(lambda_value)
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lambda_value must be in [0, 1], got {lam}")
-    return k1_, k2_, lam
 
 
-def _sq32(a: npt.NDArray[Any]) -> F32Array:
-    """Squared distances as float32, squaring in the input precision first."""
-    out: F32Array = np.square(a).astype(np.float32, copy=False)
-    return out
+# Distances below -NEGATIVE_TOLERANCE * max(1, largest distance) are refused: beyond rounding
+# error, they are similarities passed by mistake.
+NEGATIVE_TOLERANCE = 1e-5
 
 
 def _kth_smallest_bound(rows: F32Array, k: int) -> F32Array:
@@ -116,17 +109,17 @@ class _Combined:
         col_max = np.zeros(self.total, dtype=np.float32)
 
         def fold_columns(mat: npt.NDArray[Any], out: F32Array) -> None:
-            step = max(1, _BLOCK_ELEMENTS // max(1, mat.shape[1]))
+            step = max(1, _shared.BLOCK_ELEMENTS // max(1, mat.shape[1]))
             for s in range(0, mat.shape[0], step):
-                np.maximum(out, _sq32(mat[s : s + step]).max(axis=0), out=out)
+                np.maximum(out, sq32(mat[s : s + step]).max(axis=0), out=out)
 
         fold_columns(self.q_q, col_max[:nq])
         fold_columns(self.q_g, col_max[nq:])
         fold_columns(self.g_g, col_max[nq:])
-        step = max(1, _BLOCK_ELEMENTS // max(1, self.num_gallery))
+        step = max(1, _shared.BLOCK_ELEMENTS // max(1, self.num_gallery))
         for s in range(0, nq, step):
             e = min(nq, s + step)
-            np.maximum(col_max[s:e], _sq32(self.q_g[s:e]).max(axis=1), out=col_max[s:e])
+            np.maximum(col_max[s:e], sq32(self.q_g[s:e]).max(axis=1), out=col_max[s:e])
         return col_max
 
     def original_rows(self, start: int, stop: int) -> F32Array:
@@ -138,8 +131,8 @@ class _Combined:
             a, b = start - nq, stop - nq
             parts = (self.q_g[:, a:b].T, self.g_g[:, a:b].T)
         rows = np.empty((stop - start, self.total), dtype=np.float32)  # C order
-        rows[:, :nq] = _sq32(parts[0])
-        rows[:, nq:] = _sq32(parts[1])
+        rows[:, :nq] = sq32(parts[0])
+        rows[:, nq:] = sq32(parts[1])
         rows /= self.col_max[start:stop, None]
         return rows
 
@@ -154,7 +147,7 @@ class _Combined:
             (~iq & jq, self.q_g, j, i - nq),
             (~iq & ~jq, self.g_g, j - nq, i - nq),
         ):
-            values[mask] = _sq32(mat[r[mask], c[mask]])
+            values[mask] = sq32(mat[r[mask], c[mask]])
         out: F32Array = (values / self.col_max[i]).astype(np.float32, copy=False)
         return out
 
@@ -162,7 +155,7 @@ class _Combined:
         """``(N, k)``: the first ``k`` columns of ``argsort(original, kind="stable")``."""
         n = self.total
         nearest = np.empty((n, k), dtype=np.int64)
-        step = max(1, _BLOCK_ELEMENTS // n)
+        step = max(1, _shared.BLOCK_ELEMENTS // n)
         bounds = [*sorted({*range(0, n, step), self.num_query}), n]
         for start, stop in itertools.pairwise(bounds):
             rows = self.original_rows(start, stop)
@@ -177,136 +170,6 @@ class _Combined:
             sel = pos < k
             nearest[start + r[sel], pos[sel]] = c[sel]
         return nearest
-
-
-def _reciprocal_mask(neighbours: IntArray) -> npt.NDArray[np.bool_]:
-    """``mask[i, a]``: ``i`` is among the neighbours of its neighbour ``neighbours[i, a]``."""
-    n, k = neighbours.shape
-    mask = np.empty((n, k), dtype=np.bool_)
-    step = max(1, _BLOCK_ELEMENTS // (k * k))
-    for s in range(0, n, step):
-        block = neighbours[s : s + step]
-        own = np.arange(s, s + block.shape[0])[:, None, None]
-        mask[s : s + step] = (neighbours[block] == own).any(axis=2)
-    return mask
-
-
-def _expanded_sets(nearest: IntArray, k1: int) -> tuple[IntArray, IntArray]:
-    """Rows and columns (sorted, unique per row) of the k-reciprocal expansion sets."""
-    n = nearest.shape[0]
-    forward = nearest[:, : k1 + 1]
-    recip = _reciprocal_mask(forward)
-    half = int(np.around(k1 / 2.0))
-    forward_h = nearest[:, : half + 1]
-    recip_h = _reciprocal_mask(forward_h)
-    k, kh = k1 + 1, half + 1
-    rows_out: list[IntArray] = []
-    cols_out: list[IntArray] = []
-    step = max(1, _BLOCK_ELEMENTS // (k * kh * k))
-    for s in range(0, n, step):
-        f, fr = forward[s : s + step], recip[s : s + step]  # (B, k)
-        cand_sets = forward_h[f]  # (B, k, kh): half-size reciprocal candidates of each member
-        cand_ok = recip_h[f]
-        in_r = ((cand_sets[..., None] == f[:, None, None, :]) & fr[:, None, None, :]).any(axis=3)
-        overlap = (in_r & cand_ok).sum(axis=2)
-        size = cand_ok.sum(axis=2)
-        passed = fr & (overlap > (2.0 / 3.0) * size)
-        members = np.concatenate(
-            [
-                np.where(fr, f, n),
-                np.where(passed[..., None] & cand_ok, cand_sets, n).reshape(f.shape[0], -1),
-            ],
-            axis=1,
-        )
-        members.sort(axis=1)
-        keep = members < n
-        keep[:, 1:] &= members[:, 1:] != members[:, :-1]
-        r, c = np.nonzero(keep)
-        rows_out.append(r + s)
-        cols_out.append(members[r, c])
-    return np.concatenate(rows_out), np.concatenate(cols_out)
-
-
-def _csr_indptr(rows: IntArray, n: int) -> IntArray:
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
-    return indptr
-
-
-def _ragged_positions(starts: IntArray, lengths: IntArray) -> IntArray:
-    """Concatenation of ``arange(starts[t], starts[t] + lengths[t])`` over ``t``."""
-    total = int(lengths.sum())
-    offsets = np.cumsum(lengths) - lengths
-    out: IntArray = np.arange(total, dtype=np.int64) + np.repeat(starts - offsets, lengths)
-    return out
-
-
-def _query_expansion(
-    rows: IntArray, cols: IntArray, vals: F32Array, nearest: IntArray, k2: int
-) -> tuple[IntArray, IntArray, F32Array]:
-    """Sparse ``V_qe[i] = mean(V[nearest[i, :k2]], axis=0)``."""
-    n = nearest.shape[0]
-    indptr = _csr_indptr(rows, n)
-    nnz = np.diff(indptr)
-    out_r: list[IntArray] = []
-    out_c: list[IntArray] = []
-    out_v: list[F32Array] = []
-    step = max(1, _BLOCK_ELEMENTS // n)
-    for s in range(0, n, step):
-        nb = nearest[s : s + step, :k2]
-        lengths = nnz[nb].reshape(-1)
-        pos = _ragged_positions(indptr[nb].reshape(-1), lengths)
-        owner = np.repeat(np.repeat(np.arange(nb.shape[0]), k2), lengths)
-        dense = np.bincount(owner * n + cols[pos], weights=vals[pos], minlength=nb.shape[0] * n)
-        nz = np.flatnonzero(dense)
-        out_r.append(nz // n + s)
-        out_c.append(nz % n)
-        out_v.append((dense[nz] / k2).astype(np.float32))
-    return np.concatenate(out_r), np.concatenate(out_c), np.concatenate(out_v)
-
-
-def _jaccard_final(
-    rows: IntArray,
-    cols: IntArray,
-    vals: F32Array,
-    combined: _Combined,
-    lambda_value: float,
-) -> F32Array:
-    """``(Q, G)`` final distance from the sparse ``V`` (rows sorted, then columns)."""
-    nq, ng, n = combined.num_query, combined.num_gallery, combined.total
-    # gallery part of V by column: for column l, the gallery rows j with V[j, l] != 0
-    gal = rows >= nq
-    order = np.argsort(cols[gal], kind="stable")
-    col_rows = (rows[gal] - nq)[order]
-    col_vals = vals[gal][order]
-    col_indptr = _csr_indptr(cols[gal], n)
-    col_nnz = np.diff(col_indptr)
-    # query part of V by row
-    query = rows < nq
-    q_rows, q_cols, q_vals = rows[query], cols[query], vals[query]
-    q_indptr = _csr_indptr(q_rows, nq)
-    pairs_per_row = np.bincount(q_rows, weights=col_nnz[q_cols], minlength=nq)
-    cum_pairs = np.concatenate([[0.0], np.cumsum(pairs_per_row)])
-
-    out = np.empty((nq, ng), dtype=np.float32)
-    max_rows = max(1, _BLOCK_ELEMENTS // ng)
-    s = 0
-    while s < nq:
-        by_pairs = int(np.searchsorted(cum_pairs, cum_pairs[s] + _BLOCK_ELEMENTS, "right"))
-        e = min(nq, s + max_rows, max(s + 1, by_pairs - 1))
-        a, b = q_indptr[s], q_indptr[e]
-        lengths = col_nnz[q_cols[a:b]]
-        pos = _ragged_positions(col_indptr[q_cols[a:b]], lengths)
-        owner = np.repeat(q_rows[a:b] - s, lengths)
-        weight = np.minimum(np.repeat(q_vals[a:b], lengths), col_vals[pos])
-        temp_min = np.bincount(
-            owner * ng + col_rows[pos], weights=weight, minlength=(e - s) * ng
-        ).reshape(e - s, ng)
-        jaccard = (1.0 - temp_min / (2.0 - temp_min)).astype(np.float32)
-        original = _sq32(combined.q_g[s:e]) / combined.col_max[s:e, None]
-        out[s:e] = jaccard * np.float32(1.0 - lambda_value) + original * np.float32(lambda_value)
-        s = e
-    return out
 
 
 def re_ranking(
@@ -364,18 +227,21 @@ def re_ranking(
         raise ValueError(f"g_g_dist has shape {g_g.shape}, expected {(ng, ng)} from q_g_dist")
     k1, k2, lambda_value = check_rerank_params(k1, k2, lambda_value, nq, ng)
     for arr, name in ((q_g, "q_g_dist"), (q_q, "q_q_dist"), (g_g, "g_g_dist")):
-        _check_finite(arr, name)
+        _check_values(arr, name)
 
     combined = _Combined(q_g, q_q, g_g)
     nearest = combined.nearest(max(k1 + 1, k2))
-    rows, cols = _expanded_sets(nearest, k1)
-    weights = np.exp(-combined.original_at(rows, cols))
-    row_sum = np.bincount(rows, weights=weights, minlength=combined.total).astype(np.float32)
-    vals = (weights / row_sum[rows]).astype(np.float32)
+    rows, cols = expanded_sets(nearest, k1)
+    vals = gaussian_weights(rows, combined.original_at(rows, cols), combined.total)
     if k2 != 1:
-        rows, cols, vals = _query_expansion(rows, cols, vals, nearest, k2)
+        rows, cols, vals = query_expansion(rows, cols, vals, nearest, k2)
     del nearest
-    final = _jaccard_final(rows, cols, vals, combined, lambda_value)
+    jaccard = SparseJaccard(rows, cols, vals, nq, ng)
+    final = np.empty((nq, ng), dtype=np.float32)
+    for s, e in jaccard.blocks(0, nq):
+        original = sq32(combined.q_g[s:e]) / combined.col_max[s:e, None]
+        final[s:e] = jaccard.rows(s, e) * np.float32(1.0 - lambda_value)
+        final[s:e] += original * np.float32(lambda_value)
     if isinstance(q_g_dist, torch.Tensor):
         return torch.from_numpy(final).to(q_g_dist.device)
     return final

@@ -315,7 +315,11 @@ def test_reid_folder_with_parser(tmp_path: Path) -> None:
     assert [(r.pid, r.camid) for r in ds.train] == [(0, 0), (0, 1), (1, 2)]
     assert ds.summary().startswith("Toy dataset")
     # With the default camid_base=1, the camera 0 in these names is refused.
-    with pytest.raises(ValueError, match=r"1 file names in the train split .*camera below 1"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 file names in the train split .* camera below the first camera number 1: "
+        r"'id3-cam0-a.png' \(pid 3, camera 0\)$",
+    ):
         ReIDFolder(tmp_path, parser=parse, **dirs)
     write_images(tmp_path / "q", ["weird.png"])
     with pytest.raises(ValueError, match=r"1 file names in the query split .*'weird.png'"):
@@ -335,6 +339,83 @@ def test_reid_folder_argument_errors(tmp_path: Path) -> None:
         ReIDFolder(
             tmp_path, train_dir="nope", query_dir="q", gallery_dir="g", parser=lambda n: None
         )
+
+
+# --- nothing silently skipped ------------------------------------------------------------
+
+
+def test_dangling_symlink_is_an_error_naming_it(tmp_path: Path) -> None:
+    make_market(tmp_path)
+    link = tmp_path / "query" / "0005_c2s1_000001_00.jpg"
+    link.symlink_to(tmp_path / "deleted.jpg")
+    with pytest.raises(FileNotFoundError) as info:
+        Market1501(tmp_path)
+    assert str(info.value) == (
+        f"Market-1501: {str(link)!r} in the query split is a link to a missing file"
+    )
+
+
+def test_symlink_to_an_image_is_read(tmp_path: Path) -> None:
+    make_market(tmp_path)
+    (tmp_path / "query" / "0005_c2s1_000001_00.jpg").symlink_to(
+        tmp_path / "query" / MARKET_QUERY[0]
+    )
+    assert [(r.pid, r.camid) for r in Market1501(tmp_path).query] == [(1, 0), (3, 3), (5, 1)]
+
+
+def test_unreadable_image_is_an_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    make_market(tmp_path)
+    target = str(tmp_path / "bounding_box_train" / MARKET_TRAIN[2])
+    real_access = os.access
+    # chmod does not stop root, so the permission check itself is made to fail for one file
+    monkeypatch.setattr(os, "access", lambda p, mode: p != target and real_access(p, mode))
+    with pytest.raises(PermissionError) as info:
+        Market1501(tmp_path)
+    assert str(info.value) == f"Market-1501: {target!r} in the train split is not readable"
+
+
+def test_negative_identity_other_than_junk_is_refused(tmp_path: Path) -> None:
+    make_generic(tmp_path)
+    write_images(tmp_path / "g", ["id-7-cam1-y.png"])
+    with pytest.raises(
+        ValueError,
+        match=r"^ReIDFolder: 1 file names in the gallery split .* give an identity below -1 .*: "
+        r"'id-7-cam1-y.png' \(pid -7, camera 1\)$",
+    ):
+        ReIDFolder(
+            tmp_path, train_dir="tr", query_dir="q", gallery_dir="g",
+            pattern=r"id(?P<pid>-?\d+)-cam(?P<camid>\d+)-\w+\.png", camid_base=0,
+        )  # fmt: skip
+
+
+def test_images_in_sub_folders_are_explained(tmp_path: Path) -> None:
+    make_market(tmp_path)
+    for name in MARKET_QUERY:
+        (tmp_path / "query" / name).unlink()
+    write_images(tmp_path / "query" / "cam1", MARKET_QUERY)
+    with pytest.raises(
+        ValueError,
+        match=r"the query split .* has no images; it has sub-folders \('cam1'\), but images "
+        r"are read from the split folder itself",
+    ):
+        Market1501(tmp_path)
+
+
+def test_bad_regex_and_argument_types(tmp_path: Path) -> None:
+    make_generic(tmp_path)
+    dirs = {"train_dir": "tr", "query_dir": "q", "gallery_dir": "g"}
+    with pytest.raises(ValueError, match=r"^pattern '\(\?P<pid>' is not a regular expression"):
+        ReIDFolder(tmp_path, pattern="(?P<pid>", **dirs)
+    with pytest.raises(TypeError, match=r"^pattern must be a string or re.Pattern, got int$"):
+        ReIDFolder(tmp_path, pattern=3, **dirs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^ReIDFolder: camid_base must be >= 0, got -1$"):
+        ReIDFolder(tmp_path, parser=lambda n: None, camid_base=-1, **dirs)
+    with pytest.raises(TypeError, match=r"^ReIDFolder: query_dir must be a string, got 5$"):
+        ReIDFolder(tmp_path, train_dir="tr", query_dir=5, gallery_dir="g", parser=lambda n: None)  # type: ignore[arg-type]
 
 
 def test_build_dataset_registry(tmp_path: Path) -> None:

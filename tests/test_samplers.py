@@ -95,12 +95,60 @@ def test_order_varies_across_epochs() -> None:
 
 
 def test_argument_errors() -> None:
-    with pytest.raises(ValueError, match="P and K must be positive"):
+    with pytest.raises(ValueError, match=r"^PKSampler: P must be >= 1, got 0$"):
         PKSampler(PIDS, 0, 4)
+    with pytest.raises(ValueError, match=r"^PKSampler: K must be >= 1, got -2$"):
+        PKSampler(PIDS, 2, -2)
     with pytest.raises(ValueError, match="11 identities cannot fill one group of P=12"):
         PKSampler(PIDS, 12, 4)
-    with pytest.raises(ValueError, match="cannot fill one group"):
+    with pytest.raises(ValueError, match=r"^PKSampler: pids is empty \(no training images\)$"):
         PKSampler([], 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"P": 1.5}, r"^PKSampler: P must be an int, got float \(1.5\)$"),
+        ({"K": 2.0}, r"^PKSampler: K must be an int, got float \(2.0\)$"),
+        ({"P": True}, r"^PKSampler: P must be an int, got bool \(True\)$"),
+        ({"K": "4"}, r"^PKSampler: K must be an int, got str \('4'\)$"),
+        ({"seed": 0.5}, r"^PKSampler: seed must be an int, got float \(0.5\)$"),
+        ({"pids": [0, 1, 2.0]}, r"^PKSampler: pids must be ints, got float 2.0 at index 2$"),
+        ({"pids": [0, True]}, r"^PKSampler: pids must be ints, got bool True at index 1$"),
+        ({"pids": "0012"}, r"^PKSampler: pids must be a sequence of ints, got str$"),
+        ({"pids": torch.zeros(4)}, r"pids must be a 1-D integer tensor, got dtype torch.float32"),
+        ({"pids": torch.zeros(2, 2, dtype=torch.long)}, r"and shape \(2, 2\)$"),
+    ],
+)
+def test_wrong_types_fail_at_construction(kwargs: dict[str, object], message: str) -> None:
+    """Wrong types fail when the sampler is built, not later when it is iterated."""
+    args: dict[str, object] = {"pids": PIDS, "P": 2, "K": 2, **kwargs}
+    with pytest.raises(TypeError, match=message):
+        PKSampler(**args)  # type: ignore[arg-type]
+
+
+def test_negative_seed_and_epoch_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"^PKSampler: seed must be >= 0, got -1$"):
+        PKSampler(PIDS, 2, 2, seed=-1)
+    sampler = PKSampler(PIDS, 2, 2)
+    with pytest.raises(ValueError, match=r"^PKSampler.set_epoch: epoch must be >= 0, got -3$"):
+        sampler.set_epoch(-3)
+    with pytest.raises(TypeError, match=r"^PKSampler.set_epoch: epoch must be an int"):
+        sampler.set_epoch(1.0)  # type: ignore[arg-type]
+    assert sampler.epoch == 0
+
+
+def test_integer_tensor_and_numpy_pids_are_accepted() -> None:
+    expected = list(PKSampler(PIDS, 2, 2))
+    assert list(PKSampler(torch.tensor(PIDS), 2, 2)) == expected
+    assert list(PKSampler(np.array(PIDS), 2, 2)) == expected  # type: ignore[arg-type]
+
+
+def test_distributed_argument_types() -> None:
+    with pytest.raises(TypeError, match=r"^DistributedPKSampler: num_replicas must be an int"):
+        DistributedPKSampler(PIDS, 1, 2, num_replicas=2.0, rank=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^DistributedPKSampler: rank must be >= 0, got -1$"):
+        DistributedPKSampler(PIDS, 1, 2, num_replicas=2, rank=-1)
 
 
 @settings(max_examples=30, deadline=None)

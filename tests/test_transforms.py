@@ -75,5 +75,9 @@ def test_train_preset_without_random_ops_equals_test_preset() -> None:
 
 
 def test_invalid_size() -> None:
-    with pytest.raises(ValueError, match="height and width must be positive"):
+    with pytest.raises(ValueError, match=r"^height must be >= 1, got 0$"):
         build_transforms(0, 128, train=False)
+    with pytest.raises(ValueError, match=r"^width must be >= 1, got -4$"):
+        build_transforms(64, -4, train=False)
+    with pytest.raises(TypeError, match=r"^height must be an int, got float \(64.5\)$"):
+        build_transforms(64.5, 32, train=False)  # type: ignore[arg-type]

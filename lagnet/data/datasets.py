@@ -3,8 +3,10 @@
 Every dataset object exposes ``train``, ``query`` and ``gallery`` as lists of
 :class:`ReIDRecord`. Training identities are relabelled to ``0..N-1`` in sorted order of the
 original identity; query and gallery keep the identities of the file names. Camera ids are
-0-based. Images with identity ``-1`` (junk detections) are dropped and non-image files are
-ignored; anything else that cannot be parsed is an error, never silently skipped.
+0-based. Images with identity ``-1`` (junk detections) are dropped; non-image files and
+sub-folders of a split folder are ignored. Anything else is an error naming the file, never
+silently skipped: a name the parser cannot read, an identity below ``-1`` or a camera below the
+first camera number, a link to a missing file, an unreadable image, an empty split.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as tvf
+
+from lagnet._validation import check_nonnegative_int
 
 __all__ = [
     "CUHK03NP",
@@ -169,10 +173,21 @@ def _scan_folder(
     """Parse every image file of ``folder`` (sorted by name); drop junk, refuse the rest."""
     records: list[ReIDRecord] = []
     unparsed: list[str] = []
+    bad_ids: list[str] = []
+    subfolders: list[str] = []
     junk = 0
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if not entry.is_file() or Path(entry.name).suffix.lower() not in IMAGE_EXTENSIONS:
+        if entry.is_dir():
+            subfolders.append(entry.name)
             continue
+        if Path(entry.name).suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        path = os.path.join(folder, entry.name)
+        if not entry.is_file():  # a dangling symbolic link, a socket, ...
+            kind = "a link to a missing file" if entry.is_symlink() else "not a regular file"
+            raise FileNotFoundError(f"{name}: {path!r} in the {split} split is {kind}")
+        if not os.access(path, os.R_OK):
+            raise PermissionError(f"{name}: {path!r} in the {split} split is not readable")
         try:
             parsed = parser(entry.name)
         except ValueError:
@@ -185,23 +200,40 @@ def _scan_folder(
             junk += 1
             continue
         camid = cam - camid_base
-        if camid < 0:
-            unparsed.append(entry.name)
+        if pid < 0 or camid < 0:
+            bad_ids.append(f"{entry.name!r} (pid {pid}, camera {cam})")
             continue
-        records.append(ReIDRecord(os.path.join(folder, entry.name), pid, camid))
+        records.append(ReIDRecord(path, pid, camid))
     if unparsed:
         raise ValueError(
             f"{name}: {len(unparsed)} file names in the {split} split ({str(folder)!r}) do not "
-            f"match the expected naming (or give a camera below {camid_base}): {_show(unparsed)}"
+            f"match the expected naming: {_show(unparsed)}"
+        )
+    if bad_ids:
+        raise ValueError(
+            f"{name}: {len(bad_ids)} file names in the {split} split ({str(folder)!r}) give an "
+            f"identity below -1 or a camera below the first camera number {camid_base}: "
+            f"{', '.join(bad_ids[:_MAX_LISTED])}"
+            + (f" (and {len(bad_ids) - _MAX_LISTED} more)" if len(bad_ids) > _MAX_LISTED else "")
         )
     if not records:
         extra = f" ({junk} junk images with identity -1 were dropped)" if junk else ""
+        if subfolders:
+            extra += (
+                f"; it has sub-folders ({_show(subfolders)}), but images are read from the "
+                "split folder itself, not from sub-folders"
+            )
         raise ValueError(f"{name}: the {split} split ({str(folder)!r}) has no images{extra}.")
     return records
 
 
 def _regex_parser(pattern: str | re.Pattern[str]) -> NameParser:
-    regex = re.compile(pattern)
+    if not isinstance(pattern, (str, re.Pattern)):
+        raise TypeError(f"pattern must be a string or re.Pattern, got {type(pattern).__name__}")
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"pattern {pattern!r} is not a regular expression: {err}") from None
     if not {"pid", "camid"} <= set(regex.groupindex):
         raise ValueError(
             f"pattern {regex.pattern!r} must have named groups 'pid' and 'camid', "
@@ -336,6 +368,11 @@ class ReIDFolder(_SplitFolderDataset):
     ) -> None:
         if (pattern is None) == (parser is None):
             raise ValueError("ReIDFolder: give exactly one of `pattern` or `parser`")
+        for value, what in ((train_dir, "train_dir"), (query_dir, "query_dir"),
+                            (gallery_dir, "gallery_dir"), (name, "name")):  # fmt: skip
+            if not isinstance(value, str):
+                raise TypeError(f"ReIDFolder: {what} must be a string, got {value!r}")
+        check_nonnegative_int(camid_base, "ReIDFolder: camid_base")
         self.name = name
         self.dirs = (train_dir, query_dir, gallery_dir)
         self.camid_base = camid_base

@@ -10,13 +10,46 @@ start of every epoch to get a new order (without it every epoch repeats epoch 0)
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import numbers
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from lagnet._validation import check_nonnegative_int, check_positive_int
+
 __all__ = ["DistributedPKSampler", "PKSampler"]
+
+
+def _check_pids(pids: object, name: str) -> list[int]:
+    """``pids`` as a list of Python ints; floats, bools, strings and non-1-D input refused."""
+    if isinstance(pids, (str, bytes)) or not hasattr(pids, "__len__"):
+        raise TypeError(f"{name}: pids must be a sequence of ints, got {type(pids).__name__}")
+    if isinstance(pids, torch.Tensor):
+        if (
+            pids.ndim != 1
+            or pids.dtype == torch.bool
+            or pids.is_floating_point()
+            or pids.is_complex()
+        ):
+            raise TypeError(
+                f"{name}: pids must be a 1-D integer tensor, got dtype {pids.dtype} "
+                f"and shape {tuple(pids.shape)}"
+            )
+        out: list[int] = pids.tolist()
+    else:
+        out = []
+        items: Iterable[object] = pids  # type: ignore[assignment]
+        for i, pid in enumerate(items):
+            if isinstance(pid, bool) or not isinstance(pid, numbers.Integral):
+                raise TypeError(
+                    f"{name}: pids must be ints, got {type(pid).__name__} {pid!r} at index {i}"
+                )
+            out.append(int(pid))
+    if not out:
+        raise ValueError(f"{name}: pids is empty (no training images)")
+    return out
 
 
 class PKSampler(Sampler[int]):
@@ -34,11 +67,13 @@ class PKSampler(Sampler[int]):
     """
 
     def __init__(self, pids: Sequence[int], P: int, K: int, *, seed: int = 0) -> None:
-        if P < 1 or K < 1:
-            raise ValueError(f"P and K must be positive, got P={P}, K={K}")
+        name = type(self).__name__
+        check_positive_int(P, f"{name}: P")
+        check_positive_int(K, f"{name}: K")
+        check_nonnegative_int(seed, f"{name}: seed")
         by_pid: dict[int, list[int]] = {}
-        for index, pid in enumerate(pids):
-            by_pid.setdefault(int(pid), []).append(index)
+        for index, pid in enumerate(_check_pids(pids, name)):
+            by_pid.setdefault(pid, []).append(index)
         self.P = P
         self.K = K
         self.seed = seed
@@ -65,7 +100,7 @@ class PKSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch; the order is a deterministic function of ``seed + epoch``."""
-        self.epoch = epoch
+        self.epoch = check_nonnegative_int(epoch, f"{type(self).__name__}.set_epoch: epoch")
 
     def _draw(self) -> list[torch.Tensor]:
         """The epoch's identity order (global) with ``K`` drawn indices per identity."""
@@ -113,6 +148,10 @@ class DistributedPKSampler(PKSampler):
         rank: int | None = None,
         seed: int = 0,
     ) -> None:
+        if num_replicas is not None:
+            check_positive_int(num_replicas, "DistributedPKSampler: num_replicas")
+        if rank is not None:
+            check_nonnegative_int(rank, "DistributedPKSampler: rank")
         if num_replicas is None or rank is None:
             if not (dist.is_available() and dist.is_initialized()):
                 raise RuntimeError(

@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from lagnet._validation import check_positive_int
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "build_transforms"]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -32,8 +34,8 @@ def build_transforms(
     normalisation (``random_erasing``). ``flip`` and ``random_erasing`` are ignored for the test
     preset. Random ops draw from torch's global generator (seed it with ``torch.manual_seed``).
     """
-    if height < 1 or width < 1:
-        raise ValueError(f"height and width must be positive, got {height}x{width}")
+    check_positive_int(height, "height")
+    check_positive_int(width, "width")
     ops: list[Callable[..., object]] = [
         T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC),
     ]

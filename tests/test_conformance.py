@@ -2,16 +2,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conformance_utils import load_vectors, rebuild_reference_state_dict, reference_inputs
+from conformance_utils import (
+    exact_float32,
+    load_vectors,
+    rebuild_reference_state_dict,
+    reference_inputs,
+)
 
-from lagnet import BatchHardTripletLoss, CrossEntropyLoss, LAGNet, LAGNetOutput, from_reference
+from lagnet import LAGNet, LAGNetOutput, from_reference
+from lagnet.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropy
 
 TOL = {"rtol": 1e-4, "atol": 1e-3}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def tf32_off() -> Iterator[None]:
+    """TF32 off for this module (cuDNN enables it by default on Ampere and newer)."""
+    with exact_float32():
+        yield
+
+
+def test_tf32_is_pinned_off() -> None:
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    assert torch.backends.cudnn.allow_tf32 is False
+
+
+def test_exact_float32_restores_the_settings() -> None:
+    outer = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        with pytest.raises(KeyError), exact_float32():
+            assert not torch.backends.cuda.matmul.allow_tf32
+            assert not torch.backends.cudnn.allow_tf32
+            raise KeyError("an error inside")
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = outer
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +145,7 @@ def test_train_cross_entropy(
     train_output: LAGNetOutput, vectors: dict[str, Any], head: str
 ) -> None:
     labels = torch.tensor(vectors["train_mode"]["labels"])
-    got = CrossEntropyLoss()(train_output.logits[head], labels)
+    got = LabelSmoothingCrossEntropy()(train_output.logits[head], labels)
     want = torch.tensor(vectors["train_mode"]["cross_entropy"][head])
     torch.testing.assert_close(got, want, **TOL)
 

@@ -1,4 +1,5 @@
-"""Tests of lagnet.evaluation.metrics: evaluate_rank, RankResult, mean_average_precision."""
+"""Tests of evaluate_rank (NumPy and torch paths) against the plain protocol of
+lagnet.evaluation.protocol, RankResult and mean_average_precision."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from lagnet.evaluation import RankResult, evaluate_rank, mean_average_precision
+from lagnet.evaluation._accumulate import make_accumulator
+from lagnet.evaluation.protocol import evaluate_rank_reference
 
 
 def reference_eval(
@@ -24,37 +27,24 @@ def reference_eval(
     q_camids: npt.NDArray[Any],
     g_camids: npt.NDArray[Any],
     max_rank: int = 50,
+    **kwargs: Any,
 ) -> dict[str, Any]:
-    """Plain per-query version of the standard Market-1501 evaluation."""
-    order = np.argsort(distmat, axis=1, kind="stable")
-    aps = np.full(len(q_pids), np.nan)
-    inps = np.full(len(q_pids), np.nan)
-    all_cmc = []
-    for q in range(len(q_pids)):
-        ranked = order[q]
-        removed = (g_pids[ranked] == q_pids[q]) & (g_camids[ranked] == q_camids[q])
-        raw = (g_pids[ranked] == q_pids[q])[~removed]
-        if not raw.any():
-            continue
-        cmc = np.minimum(raw.cumsum(), 1)[:max_rank].astype(np.float64)
-        if cmc.size < max_rank:
-            cmc = np.pad(cmc, (0, max_rank - cmc.size), mode="edge")
-        all_cmc.append(cmc)
-        hit_positions = np.flatnonzero(raw)
-        ap = 0.0
-        for k, pos in enumerate(hit_positions):
-            ap += (k + 1) / (pos + 1.0)
-        aps[q] = ap / hit_positions.size
-        inps[q] = hit_positions.size / (hit_positions[-1] + 1.0)
-    valid = ~np.isnan(aps)
-    num_valid = int(valid.sum())
+    """The plain per-query protocol (lagnet.evaluation.protocol) as a dict; num_valid 0 when
+    no query has a match."""
+    try:
+        res = evaluate_rank_reference(
+            distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank, **kwargs
+        )
+    except ValueError as error:
+        assert "no query has a valid match" in str(error)
+        return {"num_valid": 0}
     return {
-        "num_valid": num_valid,
-        "ap": aps,
-        "inp": inps,
-        "mAP": float(np.mean(aps[valid])) if num_valid else float("nan"),
-        "mINP": float(np.mean(inps[valid])) if num_valid else float("nan"),
-        "cmc": np.sum(all_cmc, axis=0) / num_valid if num_valid else None,
+        "num_valid": res.num_valid_queries,
+        "ap": res.ap,
+        "inp": res.inp,
+        "mAP": res.mAP,
+        "mINP": res.mINP,
+        "cmc": res.cmc,
     }
 
 
@@ -234,7 +224,7 @@ def test_matches_reference_on_larger_problem(seed: int, monkeypatch: pytest.Monk
     ref = reference_eval(dist, q_pids, g_pids, q_cams, g_cams, 20)
     assert_same(evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=20), ref)
     # tiny internal blocks (many block boundaries) give the same result
-    monkeypatch.setattr("lagnet.evaluation.metrics._BLOCK_ELEMENTS", 1500)
+    monkeypatch.setattr("lagnet.evaluation._shared.BLOCK_ELEMENTS", 1500)
     assert_same(evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=20), ref)
 
 
@@ -244,17 +234,17 @@ def test_rows_where_most_items_precede_a_match(
     kind: str, dtype: type[np.floating[Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Unstructured distances: the last match is deep in most rows, which takes the
-    sorted-rows path; integer values add ties, which fall back to the exact path."""
-    import lagnet.evaluation.metrics as metrics
+    bucket path; integer values add ties."""
+    import lagnet.evaluation._fast_rank as fast
 
     calls = []
-    original = metrics._ranks_by_sorted_rows
+    original = fast._ranks_by_buckets
 
     def counting(*args: Any) -> Any:
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(metrics, "_ranks_by_sorted_rows", counting)
+    monkeypatch.setattr(fast, "_ranks_by_buckets", counting)
     rng = np.random.default_rng(9)
     dist = rng.random((150, 400)) if kind == "uniform" else rng.integers(0, 50, (150, 400))
     dist = dist.astype(dtype)
@@ -309,24 +299,24 @@ def test_bucket_path_matches_reference(
     problem: tuple[npt.NDArray[Any], ...], max_buckets: int, chunk_elements: int
 ) -> None:
     """Every row with a match goes through the bucket path (few buckets, small chunks)."""
-    import lagnet.evaluation.metrics as metrics
+    import lagnet.evaluation._fast_rank as fast
 
     dist, q_pids, g_pids, q_cams, g_cams = problem
     ref = reference_eval(dist, q_pids, g_pids, q_cams, g_cams, 10)
     if ref["num_valid"] == 0:
         return
     calls = []
-    original = metrics._ranks_by_sorted_rows
+    original = fast._ranks_by_buckets
 
     def counting(*args: Any) -> Any:
         calls.append(1)
         return original(*args)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(metrics, "_ranks_by_sorted_rows", counting)
-        mp.setattr(metrics, "_DEEP_DIVISOR", 10**9)  # any row with a candidate
-        mp.setattr(metrics, "_MAX_BUCKETS", max_buckets)
-        mp.setattr(metrics, "_CHUNK_ELEMENTS", chunk_elements)
+        mp.setattr(fast, "_ranks_by_buckets", counting)
+        mp.setattr(fast, "_DEEP_DIVISOR", 10**9)  # any row with a candidate
+        mp.setattr(fast, "_MAX_BUCKETS", max_buckets)
+        mp.setattr(fast, "_CHUNK_ELEMENTS", chunk_elements)
         res = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=10)
     assert calls
     assert_same(res, ref)
@@ -338,7 +328,7 @@ def test_bucket_path_on_mixed_rows(
 ) -> None:
     """Deep rows (bucket path, in several chunks of non-adjacent rows) next to shallow rows
     (sorted candidates) in the same blocks, with ties, a single match per row and -0.0."""
-    import lagnet.evaluation.metrics as metrics
+    import lagnet.evaluation._fast_rank as fast
 
     rng = np.random.default_rng(4)
     nq, ng = 120, 3000
@@ -355,14 +345,14 @@ def test_bucket_path_on_mixed_rows(
     dist[shallow] = np.where(same[shallow], dist[shallow] - 2.0, dist[shallow])
     dist = dist.astype(dtype)
     calls = []
-    original = metrics._ranks_by_sorted_rows
+    original = fast._ranks_by_buckets
 
     def counting(*args: Any) -> Any:
         calls.append(args[1].size)
         return original(*args)
 
-    monkeypatch.setattr(metrics, "_ranks_by_sorted_rows", counting)
-    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 5 * ng)
+    monkeypatch.setattr(fast, "_ranks_by_buckets", counting)
+    monkeypatch.setattr(fast, "_CHUNK_ELEMENTS", 5 * ng)
     ref = reference_eval(dist, q_pids, g_pids, q_cams, g_cams, 25)
     assert_same(evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=25), ref)
     assert 10 < sum(calls) < nq  # both paths were used
@@ -535,7 +525,7 @@ def test_cuhk03_does_not_depend_on_block_size(monkeypatch: pytest.MonkeyPatch) -
     dist, q_pids, g_pids, q_cams, g_cams = make_market_like(50, 120, 6, 8, spread=3.0)
     kwargs: dict[str, Any] = {"max_rank": 10, "cmc_mode": "cuhk03", "num_repeats": 3}
     big = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, **kwargs)
-    monkeypatch.setattr("lagnet.evaluation.metrics._BLOCK_ELEMENTS", 250)
+    monkeypatch.setattr("lagnet.evaluation._shared.BLOCK_ELEMENTS", 250)
     small = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, **kwargs)
     np.testing.assert_array_equal(big.cmc, small.cmc)
 
@@ -566,7 +556,11 @@ def good_inputs() -> tuple[Any, ...]:
         ({"max_rank": 0}, ValueError, "max_rank must be >= 1, got 0"),
         ({"max_rank": -3}, ValueError, "max_rank must be >= 1, got -3"),
         ({"max_rank": 2.0}, TypeError, "max_rank must be an int"),
-        ({"cmc_mode": "duke"}, ValueError, "cmc_mode must be 'market' or 'cuhk03', got 'duke'"),
+        (
+            {"cmc_mode": "duke"},
+            ValueError,
+            r"cmc_mode must be one of \('market', 'cuhk03'\), got 'duke'",
+        ),
         ({"num_repeats": 0}, ValueError, "num_repeats must be >= 1"),
         ({"generator": 3}, TypeError, "generator must be a torch.Generator"),
     ],
@@ -602,3 +596,99 @@ def test_cuda_tensors() -> None:
     ref = reference_eval(dist, q_pids, g_pids, q_cams, g_cams, 20)
     on_gpu = [torch.from_numpy(x).cuda() for x in (dist, q_pids, g_pids, q_cams, g_cams)]
     assert_same(evaluate_rank(*on_gpu, max_rank=20), ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cmc_mode", ["market", "cuhk03"])
+def test_cuda_equals_cpu_with_ties(cmc_mode: str) -> None:
+    """Ranked on the GPU (torch sort), the numbers are the CPU's bit for bit, ties included."""
+    rng = np.random.default_rng(21)
+    dist = rng.integers(0, 6, (300, 900)).astype(np.float32)  # many exact ties
+    dist[::5] = -0.0
+    q_pids, g_pids = rng.integers(0, 30, 300), rng.integers(0, 30, 900)
+    q_cams, g_cams = rng.integers(0, 3, 300), rng.integers(0, 3, 900)
+    kwargs: dict[str, Any] = {"max_rank": 30, "cmc_mode": cmc_mode, "num_repeats": 3}
+    cpu = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, **kwargs)
+    gpu = evaluate_rank(torch.from_numpy(dist).cuda(), q_pids, g_pids, q_cams, g_cams, **kwargs)
+    np.testing.assert_array_equal(gpu.cmc, cpu.cmc)
+    np.testing.assert_array_equal(gpu.ap, cpu.ap)
+    np.testing.assert_array_equal(gpu.inp, cpu.inp)
+    assert gpu.mAP == cpu.mAP and gpu.mINP == cpu.mINP
+
+
+# ------------------------------------------------------------------ torch path, CUHK03 oracle
+
+
+def torch_path(
+    dist: npt.NDArray[Any],
+    q_pids: npt.NDArray[Any],
+    g_pids: npt.NDArray[Any],
+    q_cams: npt.NDArray[Any],
+    g_cams: npt.NDArray[Any],
+    **kwargs: Any,
+) -> RankResult:
+    """The GPU path (torch sort and masks), run here on CPU tensors."""
+    options: dict[str, Any] = {"max_rank": 50, "cmc_mode": "market", "num_repeats": 10}
+    options.update(seed=0, generator=None, backend="torch")
+    options.update(kwargs)
+    num_query, num_gallery = dist.shape
+    acc = make_accumulator(num_query, num_gallery, q_pids, g_pids, q_cams, g_cams, **options)
+    acc.add(0, torch.from_numpy(dist))
+    return acc.result()
+
+
+@settings(max_examples=60, deadline=None)
+@given(problem=deep_match_problems(), cmc_mode=st.sampled_from(["market", "cuhk03"]))
+def test_torch_path_matches_protocol(problem: tuple[npt.NDArray[Any], ...], cmc_mode: str) -> None:
+    dist, q_pids, g_pids, q_cams, g_cams = problem
+    kwargs: dict[str, Any] = {"cmc_mode": cmc_mode, "num_repeats": 4}
+    ref = reference_eval(dist, q_pids, g_pids, q_cams, g_cams, 10, **kwargs)
+    if ref["num_valid"] == 0:
+        with pytest.raises(ValueError, match="no query has a valid match"):
+            torch_path(dist, q_pids, g_pids, q_cams, g_cams, max_rank=10, **kwargs)
+        return
+    assert_same(torch_path(dist, q_pids, g_pids, q_cams, g_cams, max_rank=10, **kwargs), ref)
+
+
+def test_torch_path_integers_half_and_nan() -> None:
+    dist, q_pids, g_pids, q_cams, g_cams = make_market_like(60, 150, 8, 5)
+    ref = reference_eval(dist, q_pids, g_pids, q_cams, g_cams, 15)
+    assert_same(torch_path(dist, q_pids, g_pids, q_cams, g_cams, max_rank=15), ref)
+    ints = np.round(dist * 4).astype(np.int32)
+    ref_int = reference_eval(ints, q_pids, g_pids, q_cams, g_cams, 15, cmc_mode="cuhk03")
+    res = torch_path(ints, q_pids, g_pids, q_cams, g_cams, max_rank=15, cmc_mode="cuhk03")
+    assert_same(res, ref_int)
+    half = dist.astype(np.float16)
+    ref_half = reference_eval(half.astype(np.float32), q_pids, g_pids, q_cams, g_cams, 15)
+    assert_same(torch_path(half, q_pids, g_pids, q_cams, g_cams, max_rank=15), ref_half)
+    dist[7, 33] = np.nan
+    with pytest.raises(ValueError, match=r"NaN \(first at query 7, gallery 33\)"):
+        torch_path(dist, q_pids, g_pids, q_cams, g_cams)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problem=deep_match_problems(), repeats=st.integers(1, 5), seed=st.integers(0, 99))
+def test_cuhk03_matches_protocol(
+    problem: tuple[npt.NDArray[Any], ...], repeats: int, seed: int
+) -> None:
+    """The vectorised CUHK03 sampling draws exactly what the per-query protocol draws."""
+    dist, q_pids, g_pids, q_cams, g_cams = problem
+    kwargs: dict[str, Any] = {"cmc_mode": "cuhk03", "num_repeats": repeats, "seed": seed}
+    ref = reference_eval(dist, q_pids, g_pids, q_cams, g_cams, 12, **kwargs)
+    if ref["num_valid"] == 0:
+        return
+    assert_same(evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=12, **kwargs), ref)
+
+
+def test_protocol_hand_case() -> None:
+    """The oracle itself on a case worked by hand: gallery ranked [g2, g0, g3, g1]; g0 (same id
+    and camera as the query) is removed, so the matches g3 and g1 have ranks 2 and 3."""
+    dist = np.array([[0.2, 0.9, 0.1, 0.5]])
+    res = evaluate_rank_reference(
+        dist, ids(1), ids(1, 1, 2, 1), ids(0), ids(0, 1, 1, 1), max_rank=3
+    )
+    assert res.ap[0] == (1 / 2 + 2 / 3) / 2
+    assert res.inp[0] == 2 / 3
+    np.testing.assert_array_equal(res.cmc, [0.0, 1.0, 1.0])
+    assert res.num_valid_queries == 1 and not res.cmc_padded

@@ -97,7 +97,7 @@ def test_default_parameters_larger_problem(monkeypatch: pytest.MonkeyPatch) -> N
     expected = dense_re_ranking(q_g, q_q, g_g, 20, 6, 0.3)
     np.testing.assert_allclose(re_ranking(q_g, q_q, g_g), expected, rtol=0, atol=1e-5)
     # tiny internal blocks: same answer
-    monkeypatch.setattr("lagnet.evaluation.rerank._BLOCK_ELEMENTS", 300)
+    monkeypatch.setattr("lagnet.evaluation._shared.BLOCK_ELEMENTS", 300)
     np.testing.assert_allclose(re_ranking(q_g, q_q, g_g), expected, rtol=0, atol=1e-5)
 
 
@@ -134,7 +134,8 @@ def test_reranking_helps_on_a_clustered_problem() -> None:
         ({"k2": 15}, ValueError, "k2=15 is larger than query \\+ gallery = 14"),
         ({"k1": 2.5}, TypeError, "k1 must be an int"),
         ({"lambda_value": 1.5}, ValueError, r"lambda_value must be in \[0, 1\], got 1.5"),
-        ({"lambda_value": "a"}, TypeError, "lambda_value must be a real number"),
+        ({"lambda_value": "a"}, TypeError, "lambda_value must be a number"),
+        ({"lambda_value": float("nan")}, ValueError, "lambda_value must be a finite number"),
     ],
 )
 def test_bad_parameters(kwargs: dict[str, Any], error: type[Exception], pattern: str) -> None:
@@ -163,6 +164,21 @@ def test_bad_matrices() -> None:
         re_ranking(q_g, q_q, g_g.tolist(), k1=3)
     with pytest.raises(ValueError, match="column 0 of the combined distance matrix"):
         re_ranking(np.zeros((1, 3)), np.zeros((1, 1)), np.ones((3, 3)), k1=2, k2=1)
+
+
+def test_negative_distances_are_refused() -> None:
+    """Similarities (larger is closer) passed by mistake are refused with a clear message;
+    rounding-size negatives of a distance computed as |x|^2 + |y|^2 - 2 x.y are accepted."""
+    q_g, q_q, g_g = symmetric_problem(4, 10, 3, 0)
+    similarity = 1.0 - q_g  # cosine-similarity-like values, many below 0
+    with pytest.raises(ValueError, match=r"q_g_dist contains negative distances \(min -"):
+        re_ranking(similarity, q_q, g_g, k1=3)
+    with pytest.raises(ValueError, match="not similarities"):
+        re_ranking(q_g, q_q, -g_g, k1=3)
+    tiny = q_q.copy()
+    np.fill_diagonal(tiny, -1e-7)
+    expected = re_ranking(q_g, q_q, g_g, k1=3)
+    np.testing.assert_array_equal(re_ranking(q_g, tiny, g_g, k1=3), expected)
 
 
 @pytest.mark.cuda

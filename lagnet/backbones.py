@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from typing import TypeAlias
 
 import torch
 import torchvision
@@ -17,7 +18,10 @@ from torch import nn
 
 from lagnet.checkpoint import load_state_dict_file
 
-__all__ = ["BACKBONES", "ResNetSplit", "build_resnet", "split_resnet"]
+__all__ = ["BACKBONES", "BackboneWeights", "ResNetSplit", "build_resnet", "split_resnet"]
+
+BackboneWeights: TypeAlias = str | os.PathLike[str] | torchvision.models.WeightsEnum | None
+"""A local state-dict file, a torchvision weights enum already in the hub cache, or ``None``."""
 
 BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -29,7 +33,7 @@ _HOW_TO_GET_WEIGHTS = (
 )
 
 
-def build_resnet(name: str, weights: object = None) -> torchvision.models.ResNet:
+def build_resnet(name: str, weights: BackboneWeights = None) -> torchvision.models.ResNet:
     """A torchvision ResNet by name, with ImageNet weights from a local file if given.
 
     Args:
@@ -61,16 +65,42 @@ def build_resnet(name: str, weights: object = None) -> torchvision.models.ResNet
             "backbone_weights must be None, a file path or a torchvision WeightsEnum, "
             f"got {type(weights).__name__}"
         )
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise ValueError(
-            f"backbone_weights do not fit {name}: missing keys {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''}"
-        )
+    _load_trunk(model, name, state)
     return model
+
+
+def _load_trunk(model: torchvision.models.ResNet, name: str, state: dict[str, object]) -> None:
+    """Load ``state`` (the classifier ``fc.*`` ignored), naming any key or shape mismatch."""
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape
+    ]
+    not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if missing or unexpected or shapes or not_tensors:
+
+        def some(items: list[str]) -> str:
+            return ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+
+        problems = [
+            f"{label}: {some(items)}"
+            for label, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches (file vs model)", shapes),
+                ("values that are not tensors", not_tensors),
+            )
+            if items
+        ]
+        raise ValueError(
+            f"backbone_weights do not fit {name} (were they saved from another ResNet?); "
+            + "; ".join(problems)
+        )
+    model.load_state_dict(state, strict=False)
 
 
 def _stride_one(layer: nn.Module) -> nn.Module:
@@ -112,6 +142,6 @@ class ResNetSplit(nn.Module):
         return nn.Sequential(copy.deepcopy(self._layer3_rest), layer4)
 
 
-def split_resnet(name: str = "resnet50", weights: object = None) -> ResNetSplit:
+def split_resnet(name: str = "resnet50", weights: BackboneWeights = None) -> ResNetSplit:
     """:func:`build_resnet`, then split into stem and branch template."""
     return ResNetSplit(build_resnet(name, weights))

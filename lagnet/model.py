@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
-from lagnet._validation import check_feature_map, check_positive_int
-from lagnet.backbones import BACKBONES, split_resnet
+from lagnet._validation import check_feature_map, check_input_dtype, check_positive_int
+from lagnet.backbones import BACKBONES, BackboneWeights, split_resnet
 from lagnet.checkpoint import load_state_dict_file
 from lagnet.layers.attention import LocalAttentionSystem
 from lagnet.layers.dropblock import BatchAttentionDropBlock
@@ -50,11 +50,25 @@ class LAGNetOutput:
 
 
 class LAGNet(nn.Module):
-    """The LAG-Net re-ID network. Build it with :func:`build_lagnet`.
+    """The LAG-Net re-ID network (usually built with :func:`build_lagnet`).
 
     ``forward(x (B, 3, H, W))`` returns the ``(B, 7*embed_dim)`` embedding in eval mode and a
     :class:`LAGNetOutput` in training mode (use :meth:`embed` / :meth:`forward_train` for a
-    statically typed call).
+    statically typed call). Images must have the parameters' dtype, except under
+    :func:`torch.autocast` (then float32 or the autocast dtype); anything else is a TypeError
+    naming both dtypes, never a silent cast.
+
+    Args:
+        num_classes: training identities ``N`` (classifier size).
+        backbone: a torchvision ResNet name (resnet18/34/50/101/152).
+        variant: ``"paper"`` (the released code's departures from the paper fixed) or
+            ``"reference"`` (the released code exactly, see ``docs/reference-code.md``).
+        num_attentions: ``K`` maps kept by the LAS.
+        embed_dim: size of each of the seven embedding heads.
+        reduce_dim: size of each reduction (triplet) head.
+        drop_threshold: BA-DropBlock threshold in ``(0, 1]``.
+        backbone_weights: path to a local torchvision ResNet state dict (ImageNet weights), or
+            a cached torchvision weights enum; never downloaded.
     """
 
     def __init__(
@@ -67,7 +81,7 @@ class LAGNet(nn.Module):
         embed_dim: int = 512,
         reduce_dim: int = 256,
         drop_threshold: float = 0.5,
-        backbone_weights: object = None,
+        backbone_weights: BackboneWeights = None,
     ) -> None:
         super().__init__()
         check_positive_int(num_classes, "num_classes")
@@ -128,6 +142,9 @@ class LAGNet(nn.Module):
 
     def _check_input(self, x: Tensor) -> None:
         check_feature_map(x, "images")
+        conv1 = self.stem[0]
+        if isinstance(conv1, nn.Conv2d):
+            check_input_dtype(x, conv1.weight.dtype, "images", "LAGNet")
         if x.shape[1] != 3:
             raise ValueError(f"images must have 3 channels (RGB), got shape {tuple(x.shape)}")
         if x.shape[2] < MIN_INPUT_SIZE or x.shape[3] < MIN_INPUT_SIZE:
@@ -204,43 +221,19 @@ class LAGNet(nn.Module):
 
 
 def build_lagnet(
-    num_classes: int,
-    *,
-    backbone: str = "resnet50",
-    variant: Variant = "paper",
-    num_attentions: int = 24,
-    embed_dim: int = 512,
-    reduce_dim: int = 256,
-    drop_threshold: float = 0.5,
-    backbone_weights: object = None,
-    weights: str | os.PathLike[str] | None = None,
+    num_classes: int, *, weights: str | os.PathLike[str] | None = None, **kwargs: Any
 ) -> LAGNet:
-    """Build a :class:`LAGNet`.
+    """Build a :class:`LAGNet`, optionally loading a lagnet checkpoint.
 
     Args:
         num_classes: training identities ``N`` (classifier size).
-        backbone: a torchvision ResNet name (resnet18/34/50/101/152).
-        variant: ``"paper"`` (the released code's departures from the paper fixed) or
-            ``"reference"`` (the released code exactly, REFERENCE.md).
-        num_attentions: ``K`` maps kept by the LAS.
-        embed_dim: size of each of the seven embedding heads.
-        reduce_dim: size of each reduction (triplet) head.
-        drop_threshold: BA-DropBlock threshold in ``(0, 1]``.
-        backbone_weights: path to a local torchvision ResNet state dict (ImageNet weights), or
-            a cached torchvision weights enum; never downloaded.
         weights: path to a lagnet checkpoint (a state dict, or a dict holding one under
-            ``"model"``) to load, strictly.
+            ``"model"``) to load, strictly; every missing, unexpected or mis-shaped key is named.
+        **kwargs: the keyword arguments of :class:`LAGNet` (``backbone``, ``variant``,
+            ``num_attentions``, ``embed_dim``, ``reduce_dim``, ``drop_threshold``,
+            ``backbone_weights``), where their defaults live.
     """
-    model = LAGNet(
-        num_classes,
-        backbone=backbone,
-        variant=variant,
-        num_attentions=num_attentions,
-        embed_dim=embed_dim,
-        reduce_dim=reduce_dim,
-        drop_threshold=drop_threshold,
-        backbone_weights=backbone_weights,
-    )
+    model = LAGNet(num_classes, **kwargs)
     if weights is not None:
         state = load_state_dict_file(weights, what="weights")
         load_checked(model, state, source=str(weights))

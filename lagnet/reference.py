@@ -112,6 +112,7 @@ def from_reference(
         num_attentions: ``K`` (not stored in the weights; 24 in the released code).
 
     Raises:
+        TypeError: ``checkpoint`` is not a mapping of names to tensors (e.g. a dict of lists).
         ValueError: naming every missing, unexpected or mis-shaped key.
     """
     if isinstance(checkpoint, (str, os.PathLike)):
@@ -123,6 +124,16 @@ def from_reference(
     else:
         raise TypeError(
             f"checkpoint must be a state dict or a file path, got {type(checkpoint).__name__}"
+        )
+    wrong = [
+        (k, v) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)
+    ]
+    if wrong:
+        key, value = wrong[0]
+        raise TypeError(
+            f"{source} must map parameter names (str) to tensors, but {key!r} holds a "
+            f"{type(value).__name__}"
+            + (f" (and {len(wrong) - 1} more entries)" if len(wrong) > 1 else "")
         )
     state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     inferred = _infer_num_classes(state)

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from lagnet import HEAD_NAMES, LAGNet, LAGNetLoss, LAGNetOutput, build_lagnet
+from lagnet import LAGNet, LAGNetLoss, LAGNetOutput, build_lagnet
+from lagnet.model import HEAD_NAMES
 
 
 def small(variant: str = "paper", backbone: str = "resnet18", **kw: object) -> LAGNet:
@@ -106,14 +107,44 @@ def test_loss_backward_reaches_every_used_parameter(variant: str) -> None:
         )
 
 
-def test_seeded_determinism() -> None:
+def _drop_in_and_out(model: LAGNet, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+    seen: list[torch.Tensor] = []
+
+    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        seen.extend([args[0].detach(), out.detach()])
+
+    handle = model.drop.register_forward_hook(hook)
+    try:
+        torch.manual_seed(seed)
+        embedding = model.forward_train(x).embedding.detach()
+    finally:
+        handle.remove()
+    return seen[0], seen[1], embedding
+
+
+def test_drop_block_drops_a_seeded_region_that_another_seed_moves() -> None:
     model = small().train()
-    x = torch.randn(4, 3, 64, 32)
-    torch.manual_seed(1)
-    a = model.forward_train(x)
-    torch.manual_seed(1)
-    b = model.forward_train(x)
-    torch.testing.assert_close(a.embedding, b.embedding)
+    model.eval()
+    for m in model.modules():  # batch norm frozen, so only the drop block varies between runs
+        m.train(m is model or m is model.drop)
+    x = torch.randn(4, 3, 64, 32, generator=torch.Generator().manual_seed(0))
+    feats, out, emb = _drop_in_and_out(model, x, seed=1)
+    # a position is dropped when every channel of the output is 0 although the input was not
+    dropped = (out == 0).all(dim=1) & (feats != 0).any(dim=1)  # (B, h, w)
+    assert dropped.flatten(1).any(dim=1).all()  # every sample loses a region...
+    assert (~dropped).flatten(1).any(dim=1).all()  # ...but not all of its map
+    torch.testing.assert_close(out, feats * (~dropped)[:, None], rtol=0, atol=0)
+    # the same seed: the same region and embedding; another seed: another region somewhere
+    _, out2, emb2 = _drop_in_and_out(model, x, seed=1)
+    assert torch.equal(out2, out) and torch.equal(emb2, emb)
+    _, out3, emb3 = _drop_in_and_out(model, x, seed=2)
+    dropped3 = (out3 == 0).all(dim=1) & (feats != 0).any(dim=1)
+    assert not torch.equal(dropped3, dropped)
+    assert not torch.equal(emb3, emb)
+    # with the block switched off nothing is dropped
+    model.drop.eval()
+    _, out4, _ = _drop_in_and_out(model, x, seed=1)
+    assert torch.equal(out4, feats)
 
 
 def test_channels_last_input_matches() -> None:
@@ -190,6 +221,54 @@ def test_mismatched_weights_name_the_keys(tmp_path: Path) -> None:
         ),
     ):
         build_lagnet(5, backbone="resnet18", num_attentions=8, weights=path)
+
+
+def test_backbone_weights_of_another_resnet_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), path)
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"backbone_weights do not fit resnet18 \(were they saved from another ResNet\?\); "
+            r"unexpected keys: layer1.0.bn3.bias, .*\(\+\d+ more\); shape mismatches \(file vs "
+            r"model\): layer1.0.conv1.weight \(64, 64, 1, 1\) vs \(64, 64, 3, 3\)"
+        ),
+    ):
+        build_lagnet(5, backbone="resnet18", backbone_weights=path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_input_dtype_must_match_the_model(dtype: torch.dtype) -> None:
+    model = small().eval()
+    with pytest.raises(
+        TypeError,
+        match=rf"images has dtype {dtype} but the parameters of LAGNet are torch.float32",
+    ):
+        model(torch.randn(2, 3, 64, 32, dtype=dtype))
+
+
+def test_bfloat16_images_are_accepted_under_autocast() -> None:
+    model = small().eval()
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = model.embed(x.bfloat16())
+        b = model.embed(x)
+    assert a.shape == (2, 3584) and torch.isfinite(a).all()
+    torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
+
+
+def test_build_lagnet_forwards_to_lagnet() -> None:
+    import inspect
+
+    assert list(inspect.signature(build_lagnet).parameters) == ["num_classes", "weights", "kwargs"]
+    torch.manual_seed(0)
+    a = build_lagnet(5, backbone="resnet18", num_attentions=8)
+    torch.manual_seed(0)
+    b = LAGNet(5, backbone="resnet18", num_attentions=8)
+    assert repr(a) == repr(b)
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    with pytest.raises(TypeError, match="unexpected keyword argument 'num_attention'"):
+        build_lagnet(5, backbone="resnet18", num_attention=8)
 
 
 def test_bad_input() -> None:

@@ -72,6 +72,16 @@ def test_errors(state: dict[str, torch.Tensor], tmp_path: Path) -> None:
         match="num_classes=702 does not match the checkpoint's classifiers \\(751 classes\\)",
     ):
         from_reference(state, num_classes=702)
+    as_lists = {k: v.tolist() for k, v in list(state.items())[:3]}
+    first = next(iter(as_lists))
+    with pytest.raises(
+        TypeError,
+        match=(
+            rf"the reference state dict must map parameter names \(str\) to tensors, but "
+            rf"'{first}' holds a list \(and 2 more entries\)"
+        ),
+    ):
+        from_reference(as_lists)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="checkpoint must be a state dict or a file path, got int"):
         from_reference(3)  # type: ignore[arg-type]
     with pytest.raises(FileNotFoundError, match="reference checkpoint file not found"):

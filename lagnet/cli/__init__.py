@@ -1,0 +1,135 @@
+"""The ``lagnet`` command: train, evaluate, export and embed without writing code.
+
+User errors (bad arguments, missing files, bad data) print one line ``lagnet: error: ...`` on
+stderr and exit with status 2; ``--debug`` shows the traceback instead. A training run stopped
+by a non-finite loss exits with status 1. Errors that do not come from lagnet's own checks are
+bugs and keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+__all__ = ["build_parser", "main"]
+
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+_USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+
+
+class _UsageError(Exception):
+    """An argparse error, turned into one ``lagnet: error:`` line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _subparser(
+    subparsers: argparse._SubParsersAction[_Parser],
+    name: str,
+    summary: str,
+    examples: str,
+) -> _Parser:
+    parser: _Parser = subparsers.add_parser(
+        name,
+        help=summary,
+        description=summary,
+        epilog="examples:\n" + examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lagnet`` argument parser with its subcommands."""
+    from lagnet import __version__
+    from lagnet.cli import embed, evaluate, export, train
+
+    parser = _Parser(
+        prog="lagnet",
+        description="LAG-Net person re-identification: train, evaluate, export, embed.",
+        epilog="Add --debug anywhere to see the traceback of an error.",
+    )
+    parser.add_argument("--version", action="version", version=f"lagnet {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers.required = True
+    commands: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None]]] = [
+        ("train", "train (or resume) a run in a run folder", train.EXAMPLES, train.add_command),
+        (
+            "evaluate",
+            "CMC / mAP / mINP of a run checkpoint on a dataset",
+            evaluate.EXAMPLES,
+            evaluate.add_command,
+        ),
+        ("export", "export a run checkpoint to ONNX", export.EXAMPLES, export.add_command),
+        (
+            "embed",
+            "embeddings of every image under a folder, saved as .npz",
+            embed.EXAMPLES,
+            embed.add_command,
+        ),
+    ]
+    for name, summary, examples, add in commands:
+        add(_subparser(subparsers, name, summary, examples))
+    return parser
+
+
+def _raised_by_lagnet(err: BaseException) -> bool:
+    """True when the innermost frame of ``err`` is lagnet's own code (a check on user input)."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    try:
+        Path(tb.tb_frame.f_code.co_filename).resolve().relative_to(_PACKAGE_DIR)
+    except ValueError:
+        return False
+    return True
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _fail(message: str) -> None:
+    print(f"lagnet: error: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``lagnet`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args_list
+    args_list = [a for a in args_list if a != "--debug"]
+    try:
+        args = build_parser().parse_args(args_list)
+    except _UsageError as err:
+        _fail(_one_line(err))
+        return 2
+    except SystemExit as exit_:  # --help and --version
+        return exit_.code if isinstance(exit_.code, int) else 0
+    from lagnet.cli.train import TrainingStopped
+
+    try:
+        code: int = args.func(args)
+    except TrainingStopped as err:
+        if debug:
+            traceback.print_exc()
+        _fail(_one_line(err))
+        return 1
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return 130
+    except _USER_ERRORS as err:
+        missing_module = getattr(err, "name", None) or ""
+        if debug or not _raised_by_lagnet(err) or missing_module.startswith("lagnet"):
+            raise
+        _fail(_one_line(err))
+        return 2
+    return code

@@ -1,0 +1,158 @@
+"""Pieces shared by the ``lagnet`` subcommands: datasets by name, models from run checkpoints."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lagnet.checkpoint import load_checkpoint
+from lagnet.data import DATASET_NAMES, ReIDDataset, ReIDFolder, build_dataset
+from lagnet.evaluation import RankResult
+from lagnet.model import LAGNet, build_lagnet, load_checked
+
+__all__ = [
+    "ALL_DATASETS",
+    "MODEL_KEYS",
+    "check_pattern",
+    "load_dataset",
+    "load_run_model",
+    "missing_query_ids",
+    "rank_metrics",
+    "warn",
+]
+
+ALL_DATASETS: tuple[str, ...] = (*DATASET_NAMES, "folder")
+"""Dataset names the commands accept (``folder``: train/query/gallery with ``--pattern``)."""
+
+MODEL_KEYS: tuple[str, ...] = (
+    "num_classes",
+    "backbone",
+    "variant",
+    "num_attentions",
+    "height",
+    "width",
+)
+"""What a run checkpoint records (under ``"model_config"``) to rebuild its model."""
+
+
+def warn(message: str) -> None:
+    """Print one ``lagnet: warning: ...`` line on stderr."""
+    print(f"lagnet: warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_pattern(pattern: object, flag: str = "--pattern") -> str:
+    """Check that ``pattern`` is a regular expression with named groups ``pid`` and ``camid``."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"{flag} must be a string, got {type(pattern).__name__}")
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{flag} {pattern!r} is not a regular expression: {err}") from None
+    missing = [g for g in ("pid", "camid") if g not in regex.groupindex]
+    if missing:
+        raise ValueError(
+            f"{flag} {pattern!r} lacks the named group(s) {', '.join(missing)}; "
+            r"write e.g. '(?P<pid>\d+)_c(?P<camid>\d+)_.*\.jpg'"
+        )
+    return pattern
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike[str],
+    *,
+    pattern: str | None = None,
+    camid_base: int = 1,
+) -> ReIDDataset:
+    """A dataset by name; ``"folder"`` reads ``root/{train,query,gallery}`` with ``pattern``."""
+    key = name.lower()
+    if key == "folder":
+        if pattern is None:
+            raise ValueError(
+                "--dataset folder needs --pattern, a regular expression with named groups "
+                r"pid and camid matching whole file names, e.g. '(?P<pid>\d+)_c(?P<camid>\d+)_.*'"
+            )
+        return ReIDFolder(
+            root,
+            train_dir="train",
+            query_dir="query",
+            gallery_dir="gallery",
+            pattern=check_pattern(pattern),
+            camid_base=camid_base,
+            name=f"folder {os.fspath(root)!r}",
+        )
+    if pattern is not None:
+        raise ValueError(f"--pattern is for --dataset folder only, not for --dataset {name}")
+    return build_dataset(key, root)
+
+
+def missing_query_ids(data: ReIDDataset) -> list[int]:
+    """Query identities that have no gallery image in another camera (they cannot be scored)."""
+    gallery: dict[int, set[int]] = {}
+    for record in data.gallery:
+        gallery.setdefault(record.pid, set()).add(record.camid)
+    missing = {r.pid for r in data.query if not (gallery.get(r.pid, set()) - {r.camid})}
+    return sorted(missing)
+
+
+def describe_missing(data: ReIDDataset) -> str | None:
+    """A sentence naming the query identities that cannot be scored, or ``None``."""
+    missing = missing_query_ids(data)
+    if not missing:
+        return None
+    total = len({r.pid for r in data.query})
+    shown = ", ".join(str(p) for p in missing[:10]) + (" ..." if len(missing) > 10 else "")
+    if len(missing) == total:
+        raise ValueError(
+            f"{data.name}: none of the {total} query identities has a gallery image from "
+            f"another camera ({shown}), so nothing can be evaluated; check the gallery folder "
+            "and the pid/camid groups of the pattern"
+        )
+    return (
+        f"{data.name}: {len(missing)} of {total} query identities have no gallery image from "
+        f"another camera and are left out of the scores: {shown}"
+    )
+
+
+def rank_metrics(result: RankResult) -> dict[str, float]:
+    """mAP, rank-1, rank-5 and mINP of a :class:`~lagnet.evaluation.RankResult`."""
+    cmc = result.cmc
+    return {
+        "mAP": float(result.mAP),
+        "rank1": float(cmc[0]),
+        "rank5": float(cmc[min(4, len(cmc) - 1)]),
+        "mINP": float(result.mINP),
+    }
+
+
+def load_run_model(
+    path: str | os.PathLike[str], *, device: torch.device | str = "cpu"
+) -> tuple[LAGNet, dict[str, Any]]:
+    """Rebuild the eval-mode model of a run checkpoint (``best.pth`` / ``last.pth``).
+
+    Returns the model on ``device`` and the recorded model configuration (``MODEL_KEYS``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a lagnet run checkpoint.
+    """
+    ckpt = load_checkpoint(Path(path).expanduser(), what="weights")
+    meta = ckpt.get("model_config") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or any(k not in meta for k in MODEL_KEYS):
+        raise ValueError(
+            f"--weights {os.fspath(path)!r} is not a checkpoint of `lagnet train` (it records "
+            "no model configuration); for other weights use lagnet.build_lagnet(..., weights=)"
+        )
+    model = build_lagnet(
+        int(meta["num_classes"]),
+        backbone=str(meta["backbone"]),
+        variant=meta["variant"],
+        num_attentions=int(meta["num_attentions"]),
+    )
+    load_checked(model, ckpt["model"], source=os.fspath(path))
+    return model.to(device).eval(), meta

@@ -168,7 +168,7 @@ class ReturnsWrongShape(nn.Module):
             ReturnsWrongShape(),
             [(torch.zeros(2, 3, 4, 6), [0, 1], [0, 0])],
             ValueError,
-            r"shape \(144,\)",
+            r"shape \(288,\), expected \(4, D\) for the 2 images and their mirrors",
         ),
         ("model", [], TypeError, "model must be a torch.nn.Module"),
     ],
@@ -190,3 +190,71 @@ def test_cuda_model() -> None:
     torch.testing.assert_close(feats.features, expected, atol=1e-4, rtol=1e-4)
     amp = extract_features(model, loader, amp=True, progress=False)
     torch.testing.assert_close(amp.features, expected, atol=2e-2, rtol=2e-2)
+    for mode in ("bf16", "fp16"):
+        half = extract_features(model, loader, amp=mode, channels_last=True, progress=False)  # type: ignore[arg-type]
+        assert half.features.device.type == "cpu" and half.features.dtype == torch.float32
+        torch.testing.assert_close(half.features, expected, atol=3e-2, rtol=3e-2)
+
+
+class Recorder(nn.Module):
+    """Wraps a model and records what each forward call saw."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls: list[tuple[int, bool, torch.dtype | None]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        self.calls.append(
+            (x.shape[0], x.is_contiguous(memory_format=torch.channels_last), autocast)
+        )
+        out: torch.Tensor = self.inner(x)
+        return out
+
+
+def test_flip_runs_as_one_batch_of_2b() -> None:
+    model = Recorder(make_model())
+    images, pids, camids = make_data(7)
+    loader = DataLoader(TensorDataset(images, pids, camids), batch_size=3)
+    feats = extract_features(model, loader, progress=False)
+    assert [c[0] for c in model.calls] == [6, 6, 2]  # one forward per batch: images + mirrors
+    torch.testing.assert_close(feats.features, manual(make_model(), images, True, True))
+    model.calls.clear()
+    extract_features(model, loader, flip=False, progress=False)
+    assert [c[0] for c in model.calls] == [3, 3, 1]
+
+
+@pytest.mark.parametrize(("amp", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_amp_modes_on_cpu(amp: str, dtype: torch.dtype) -> None:
+    model = Recorder(make_model())
+    images, pids, camids = make_data(4)
+    loader = DataLoader(TensorDataset(images, pids, camids), batch_size=4)
+    feats = extract_features(model, loader, amp=amp, progress=False)  # type: ignore[arg-type]
+    assert model.calls == [(8, False, dtype)]
+    assert feats.features.dtype == torch.float32
+    torch.testing.assert_close(
+        feats.features, manual(make_model(), images, True, True), atol=0.05, rtol=0.05
+    )
+    model.calls.clear()
+    extract_features(model, loader, amp=None, progress=False)
+    assert model.calls == [(8, False, None)]
+
+
+def test_channels_last_input() -> None:
+    model = Recorder(make_model())
+    images, pids, camids = make_data(4)
+    loader = DataLoader(TensorDataset(images, pids, camids), batch_size=4)
+    feats = extract_features(model, loader, channels_last=True, progress=False)
+    assert model.calls == [(8, True, None)]
+    torch.testing.assert_close(feats.features, manual(make_model(), images, True, True))
+
+
+def test_bad_amp_is_refused_before_any_work() -> None:
+    model = Recorder(make_model())
+    images, pids, camids = make_data(2)
+    with pytest.raises(
+        ValueError, match=r"amp must be one of \('bf16', 'fp16'\), None or a bool, got 'fp32'"
+    ):
+        extract_features(model, [(images, pids, camids)], amp="fp32", progress=False)  # type: ignore[arg-type]
+    assert model.calls == []

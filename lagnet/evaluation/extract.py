@@ -5,13 +5,39 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Features", "extract_features"]
+from lagnet._progress import progress as progress_bar
+
+__all__ = ["AMP_DTYPES", "AmpMode", "Features", "autocast", "extract_features"]
+
+AmpMode = Literal["bf16", "fp16"]
+"""Mixed-precision modes: ``"bf16"`` (:data:`torch.bfloat16`) or ``"fp16"`` (float16)."""
+
+AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(
+    device: torch.device, amp: bool | AmpMode | None
+) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` for ``amp`` on ``device``, or a no-op context for ``None``/``False``.
+
+    ``True`` means float16 on CUDA and bfloat16 elsewhere (the historical meaning of
+    ``extract_features(amp=True)``).
+    """
+    if amp is None or amp is False:
+        return contextlib.nullcontext()
+    if amp is True:
+        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    elif isinstance(amp, str) and amp in AMP_DTYPES:
+        dtype = AMP_DTYPES[amp]
+    else:
+        raise ValueError(f"amp must be one of {get_args(AmpMode)}, None or a bool, got {amp!r}")
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,31 +94,27 @@ def _unpack(batch: Any, batch_index: int) -> tuple[torch.Tensor, Any, Any]:
     return images, pids, camids
 
 
-def _progress(loader: Iterable[Any], enabled: bool) -> Iterable[Any]:
-    if not enabled:
-        return loader
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return loader
-    total = len(loader) if isinstance(loader, Sized) else None
-    bar: Iterable[Any] = tqdm(loader, total=total, desc="extract", unit="batch", leave=False)
-    return bar
+def _embed(model: nn.Module, images: torch.Tensor, flip: bool, batch_index: int) -> torch.Tensor:
+    """Float32 embeddings of ``images``, plus those of the mirrored images when ``flip``.
 
-
-def _embed(model: nn.Module, images: torch.Tensor, batch_index: int) -> torch.Tensor:
-    out = model(images)
+    Both halves run as one batch of ``2B`` (one forward instead of two).
+    """
+    size = images.shape[0]
+    batch = torch.cat([images, images.flip(3)]) if flip else images
+    out = model(batch)
     if not isinstance(out, torch.Tensor):
         raise TypeError(
             f"batch {batch_index}: the model must return a (B, D) tensor in eval mode, "
             f"got {type(out).__name__}"
         )
-    if out.ndim != 2 or out.shape[0] != images.shape[0]:
+    if out.ndim != 2 or out.shape[0] != batch.shape[0]:
+        what = f"{size} images and their mirrors" if flip else f"{size} images"
         raise ValueError(
             f"batch {batch_index}: the model returned shape {tuple(out.shape)}, expected "
-            f"({images.shape[0]}, D)"
+            f"({batch.shape[0]}, D) for the {what}"
         )
-    return out.float()
+    out = out.float()
+    return out[:size] + out[size:] if flip else out
 
 
 def extract_features(
@@ -102,30 +124,36 @@ def extract_features(
     flip: bool = True,
     normalize: bool = True,
     device: torch.device | str | None = None,
-    amp: bool = False,
+    amp: bool | AmpMode | None = False,
     progress: bool = True,
+    channels_last: bool = False,
 ) -> Features:
     """Embed every image of ``loader`` with ``model``.
 
     The model is put in eval mode and run under :func:`torch.inference_mode`; the previous
     training mode of the model and of each of its submodules is restored afterwards, even on
-    error.
+    error. The embeddings stay on the model's device until the end and are copied to the CPU
+    once (no per-batch synchronisation).
 
     Args:
         model: any module mapping ``(B, 3, H, W)`` images to ``(B, D)`` embeddings.
         loader: iterable of ``(images, pids, camids)`` tuples (extra items are ignored) or
             dicts with keys ``"images"``, ``"pids"``, ``"camids"``; images ``(B, C, H, W)``.
         flip: add the embedding of the horizontally flipped image (width dimension) to that of
-            the image.
+            the image; the images and their mirrors run as one batch of ``2B``.
         normalize: L2-normalise each (summed) embedding.
         device: where to run the model; default: the device of its first parameter or buffer
             (CPU for a module without any).
-        amp: run the model under :func:`torch.autocast` (float16 on CUDA, bfloat16 on CPU);
-            embeddings are summed and returned in float32.
+        amp: ``"bf16"`` or ``"fp16"``: run the model under :func:`torch.autocast` with that
+            dtype; ``True``: float16 on CUDA, bfloat16 on the CPU; ``False``/``None``: off.
+            Embeddings are summed and returned in float32.
         progress: show a tqdm progress bar when tqdm is installed.
+        channels_last: feed the images in ``torch.channels_last`` memory format (convert the
+            model with ``model.to(memory_format=torch.channels_last)`` yourself).
 
     Returns:
-        :class:`Features` with ``(N, D)`` float32 embeddings and ``(N,)`` int64 ids/cameras.
+        :class:`Features` with ``(N, D)`` float32 embeddings and ``(N,)`` int64 ids/cameras,
+        on the CPU.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -135,14 +163,16 @@ def extract_features(
         run_device = first.device if first is not None else torch.device("cpu")
     else:
         run_device = torch.device(device)
-    autocast_dtype = torch.float16 if run_device.type == "cuda" else torch.bfloat16
+    precision = autocast(run_device, amp)  # validates amp before any work
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     feats: list[torch.Tensor] = []
     pids: list[torch.Tensor] = []
     camids: list[torch.Tensor] = []
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
-    batches = _progress(loader, progress)
+    total = len(loader) if isinstance(loader, Sized) else None
+    batches = progress_bar(loader, progress, total=total, desc="extract", unit="batch", leave=False)
     try:
         with torch.inference_mode():
             iterator: Iterator[Any] = iter(batches)
@@ -151,19 +181,12 @@ def extract_features(
                 size = images.shape[0]
                 pids.append(_as_labels(batch_pids, "pids", size, index))
                 camids.append(_as_labels(batch_camids, "camids", size, index))
-                images = images.to(run_device, non_blocking=True)
-                autocast = (
-                    torch.autocast(run_device.type, dtype=autocast_dtype)
-                    if amp
-                    else contextlib.nullcontext()
-                )
-                with autocast:
-                    emb = _embed(model, images, index)
-                    if flip:
-                        emb = emb + _embed(model, torch.flip(images, dims=[3]), index)
+                images = images.to(run_device, non_blocking=True).contiguous(memory_format=fmt)
+                with precision:
+                    emb = _embed(model, images, flip, index)
                 if normalize:
                     emb = F.normalize(emb, dim=1)
-                feats.append(emb.cpu())
+                feats.append(emb)
     finally:
         for module, training in modes:  # each submodule's own mode, e.g. frozen batch norms
             module.training = training
@@ -172,5 +195,6 @@ def extract_features(
             close()
     if not feats:
         raise ValueError("loader yielded no batches")
-    # concatenated outside inference mode, so the results are ordinary tensors
-    return Features(features=torch.cat(feats), pids=torch.cat(pids), camids=torch.cat(camids))
+    # concatenated outside inference mode, so the results are ordinary tensors; one copy back
+    features = torch.cat(feats).to("cpu")
+    return Features(features=features, pids=torch.cat(pids), camids=torch.cat(camids))

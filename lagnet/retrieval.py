@@ -18,6 +18,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -35,6 +36,7 @@ __all__ = ["GalleryIndex", "IndexEvaluation", "evaluate_index"]
 IndexKind: TypeAlias = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
 IndexMetric: TypeAlias = Literal["cosine", "euclidean"]
 ArrayLike: TypeAlias = "torch.Tensor | npt.NDArray[Any]"
+IdsLike: TypeAlias = "torch.Tensor | npt.NDArray[Any] | Sequence[int]"
 
 _KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw")
 _METRICS = ("cosine", "euclidean")
@@ -141,7 +143,7 @@ class GalleryIndex:
         cls,
         embeddings: ArrayLike,
         *,
-        ids: ArrayLike | None = None,
+        ids: IdsLike | None = None,
         kind: IndexKind = "auto",
         metric: IndexMetric = "cosine",
         pca_dim: int | None = None,
@@ -256,7 +258,7 @@ class GalleryIndex:
         self._index.add(x)
         self._ids = np.concatenate([self._ids, ids])
 
-    def add(self, embeddings: ArrayLike, ids: ArrayLike | None = None) -> None:
+    def add(self, embeddings: ArrayLike, ids: IdsLike | None = None) -> None:
         """Add ``embeddings`` ``(M, D)`` with ``ids`` ``(M,)`` (default: the next positions)."""
         x = _as_matrix(embeddings, "embeddings", self._meta.dim)
         self._add_prepared(self._prepare(x), None if ids is None else _as_ids(ids, x.shape[0]))
@@ -557,10 +559,10 @@ def _count_matches(
 def evaluate_index(
     index: GalleryIndex,
     query_features: ArrayLike,
-    q_pids: ArrayLike,
-    q_camids: ArrayLike,
-    g_pids: ArrayLike,
-    g_camids: ArrayLike,
+    q_pids: IdsLike,
+    q_camids: IdsLike,
+    g_pids: IdsLike,
+    g_camids: IdsLike,
     *,
     k: int = 100,
     gallery_features: ArrayLike | None = None,

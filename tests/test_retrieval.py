@@ -99,9 +99,9 @@ def test_auto_kind_and_pca() -> None:
     result = evaluate_index(
         index, queries, q_pids, q_cams, g_pids, g_cams, k=10, gallery_features=gallery
     )
-    assert (
-        result.exact_mAP == 1.0 and result.exact_rank1 == 1.0 and result.recall_at_k == 1.0
-    ) or (result.recall_at_k is not None and 0.3 < result.recall_at_k < 1.0)
+    # 16 of 64 dimensions: approximate neighbours, nearly the same retrieval quality
+    assert result.recall_at_k is not None and 0.5 < result.recall_at_k < 1.0
+    assert result.exact_mAP is not None and abs(result.mAP - result.exact_mAP) < 0.05
     with pytest.raises(ValueError, match="pca_dim must be smaller than the embedding size 64"):
         GalleryIndex.build(gallery, pca_dim=64)
 

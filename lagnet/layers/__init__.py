@@ -1,4 +1,12 @@
-"""Reusable LAG-Net building blocks, each usable in any CNN (module + functional form)."""
+"""Reusable LAG-Net building blocks, each usable in any CNN (module + functional form).
+
+| module                      | function                       |
+| --------------------------- | ------------------------------ |
+| ``LocalAttentionSystem``    | ``local_attention_system``     |
+| ``BatchAttentionDropBlock`` | ``batch_attention_drop_block`` |
+| ``GlobalPool``              | ``global_pool``                |
+| ``StripePool``              | ``stripe_pool``                |
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,7 @@ from lagnet.layers.attention import (
     LocalAttentionSystem,
     attention_part_pool,
     local_attention_pool,
+    local_attention_system,
     select_attention_maps,
     signed_sqrt_l2,
 )
@@ -22,7 +31,7 @@ from lagnet.layers.heads import (
     MultiGranularityOutput,
     ReductionHead,
 )
-from lagnet.layers.pooling import GlobalPool, global_pool, stripe_pool
+from lagnet.layers.pooling import GlobalPool, StripePool, global_pool, stripe_pool
 
 __all__ = [
     "BatchAttentionDropBlock",
@@ -34,11 +43,12 @@ __all__ = [
     "MultiGranularityHead",
     "MultiGranularityOutput",
     "ReductionHead",
+    "StripePool",
     "attention_drop_mask",
     "attention_part_pool",
     "batch_attention_drop_block",
     "global_pool",
-    "local_attention_pool",
+    "local_attention_system",
     "select_attention_maps",
     "signed_sqrt_l2",
     "stripe_pool",

@@ -1,20 +1,23 @@
 """Local Attention System (LAS): top-K attention maps and the part features pooled from them.
 
-Functional forms:
+For a feature map ``x`` ``(B, C, H, W)``:
 
-- :func:`select_attention_maps` keeps the ``K`` most energetic maps, in descending energy;
-- :func:`attention_part_pool` pools one part feature per selected map,
-  ``v_k = avg_hw(x + A_k) + max_hw(x + A_k)`` (the released code *adds* the map to the features);
-- :func:`signed_sqrt_l2` turns the stacked part features into the normalised attention features;
-- :func:`local_attention_pool` chains the three.
+1. attention maps ``A = relu(bn(conv1x1(x)))``, ``C`` non-negative maps;
+2. keep the ``K`` maps with the largest spatial sum, in descending order
+   (:func:`select_attention_maps`);
+3. one part feature per kept map, ``v_k = avg_hw(x + A_k) + max_hw(x + A_k)``, the map added to
+   every channel as the released code does (:func:`attention_part_pool`);
+4. the attention features: signed square root and L2 over all ``K*C`` values
+   (:func:`signed_sqrt_l2`), and the global feature ``max_k v_k + mean_k v_k``.
 
-The max term is computed in chunks over ``K`` and differentiated with the argmax indices only,
-so neither the forward nor the backward pass holds a ``(B, C, K, H, W)`` tensor.
+:func:`local_attention_system` is steps 2-4 on maps you compute yourself. The kernels that make
+step 3 and the backward of step 1 fast live in :mod:`lagnet.layers._kernels`.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import warnings
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -23,20 +26,21 @@ from lagnet._validation import (
     check_channels,
     check_feature_map,
     check_float_tensor,
+    check_input_dtype,
     check_positive_int,
+    check_same_device,
 )
+from lagnet.layers._kernels import SparseGradConv1x1, add_max_pool, is_capturing
 
 __all__ = [
     "LocalAttentionOutput",
     "LocalAttentionSystem",
     "attention_part_pool",
     "local_attention_pool",
+    "local_attention_system",
     "select_attention_maps",
     "signed_sqrt_l2",
 ]
-
-# Elements of the (B, C, k, H*W) broadcast sum materialised at once in a chunk.
-_CHUNK_ELEMENTS = 1 << 24
 
 
 class LocalAttentionOutput(NamedTuple):
@@ -74,135 +78,18 @@ def select_attention_maps(attention: Tensor, num_attentions: int) -> Tensor:
     return selected.view(b, num_attentions, h, w)
 
 
-def _capturing() -> bool:
-    """True while torch.compile, torch.export or the JIT tracer is capturing a graph."""
-    return bool(
-        torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
-        or torch._C._get_tracing_state() is not None
-    )
+def attention_part_pool(features: Tensor, attention_maps: Tensor, *, fused: bool = True) -> Tensor:
+    """Pool one part feature per map: ``(B, C, H, W), (B, K, H, W) -> (B, C, K)``.
 
-
-class _ChannelSparseConv1x1(torch.autograd.Function):
-    """Bias-free 1x1 convolution whose backward skips output channels with no gradient.
-
-    Only the selected attention maps reach the loss, so most of the ``C`` output channels of
-    the attention convolution get an all-zero gradient; the backward matmuls run on the
-    channels that do not. Used on CPU only (finding the channels needs their count on the host).
-    """
-
-    @staticmethod
-    def forward(x: Tensor, weight: Tensor) -> Tensor:
-        return nn.functional.conv2d(x, weight)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        x, weight = ctx.saved_tensors
-        b, c_in, h, w = x.shape
-        c_out = weight.shape[0]
-        gz = grad.reshape(b, c_out, h * w)
-        active = gz.abs().amax(dim=(0, 2)).nonzero().squeeze(1)
-        w2 = weight.reshape(c_out, c_in)
-        ga = gz.index_select(1, active)
-        gx = gw = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.matmul(w2.index_select(0, active).t(), ga).view(b, c_in, h, w)
-            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-                gx = gx.contiguous(memory_format=torch.channels_last)
-        if ctx.needs_input_grad[1]:
-            gwa = torch.einsum("bun,bcn->uc", ga, x.reshape(b, c_in, h * w))
-            gw = w2.new_zeros(c_out, c_in).index_copy_(0, active, gwa).view_as(weight)
-        return gx, gw
-
-
-def _chunk_len(b: int, c: int, k: int, n: int) -> int:
-    per_map = max(1, b * c * n)
-    return max(1, min(k, _CHUNK_ELEMENTS // per_map))
-
-
-def _add_max(x: Tensor, a: Tensor, with_indices: bool) -> tuple[Tensor, Tensor | None]:
-    """``max_n(x[b, c, n] + a[b, k, n])`` -> ``(B, C, K)`` (and argmax), chunked over ``K``.
-
-    Eager mode reuses one ``(B, C, k, N)`` buffer for every chunk (allocating a fresh one per
-    chunk costs more than the arithmetic); under a compiler the plain broadcast is traced so
-    that it can be fused into one reduction.
-    """
-    b, c, n = x.shape
-    k = a.shape[1]
-    xs = x.unsqueeze(2)
-    if _capturing():
-        s = xs + a.unsqueeze(1)
-        if with_indices:
-            v, i = s.max(dim=3)
-            return v, i
-        return s.amax(dim=3), None
-    step = _chunk_len(b, c, k, n)
-    chunks = -(-k // step)
-    if chunks * step != k:  # pad with -inf maps so that every chunk has the same size
-        pad = a.new_full((b, chunks * step - k, n), float("-inf"))
-        a = torch.cat([a, pad], dim=1)
-    buf = x.new_empty(b, c, step, n)
-    values = x.new_empty(chunks, b, c, step)
-    indices = torch.empty(chunks, b, c, step, dtype=torch.int64, device=x.device)
-    for j in range(chunks):
-        torch.add(xs, a[:, j * step : (j + 1) * step].unsqueeze(1), out=buf)
-        if with_indices:
-            torch.max(buf, dim=3, out=(values[j], indices[j]))
-        else:
-            torch.amax(buf, dim=3, out=values[j])
-    out = values.permute(1, 2, 0, 3).reshape(b, c, chunks * step)[:, :, :k]
-    if not with_indices:
-        return out, None
-    idx = indices.permute(1, 2, 0, 3).reshape(b, c, chunks * step)[:, :, :k]
-    return out, idx
-
-
-class _AddMax(torch.autograd.Function):
-    """Max-plus pooling with a memory-light backward (argmax indices, not the broadcast sum)."""
-
-    @staticmethod
-    def forward(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-        out, idx = _add_max(x, a, with_indices=True)
-        assert idx is not None
-        return out, idx
-
-    @staticmethod
-    def setup_context(
-        ctx: Any, inputs: tuple[Tensor, Tensor], output: tuple[Tensor, Tensor]
-    ) -> None:
-        x, a = inputs
-        _, idx = output
-        ctx.save_for_backward(idx)
-        ctx.mark_non_differentiable(idx)
-        ctx.x_shape = x.shape
-        ctx.a_shape = a.shape
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: Tensor, _grad_idx: Tensor | None) -> tuple[Tensor, Tensor]:
-        (idx,) = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        gx = grad_out.new_zeros(ctx.x_shape).scatter_add_(2, idx, grad_out)
-        ga = grad_out.new_zeros(ctx.a_shape).scatter_add_(
-            2, idx.transpose(1, 2).contiguous(), grad_out.transpose(1, 2).contiguous()
-        )
-        return gx, ga
-
-
-def attention_part_pool(features: Tensor, attention_maps: Tensor) -> Tensor:
-    """Pool one part feature per attention map: ``(B, C, H, W), (B, K, H, W) -> (B, C, K)``.
-
-    ``v[b, :, k] = avg_hw(x_b + A_bk) + max_hw(x_b + A_bk)`` with the map broadcast over
-    channels, as the released LAG-Net code computes it. The average term is computed in closed
-    form (``avg(x) + avg(A_k)``); the max term in chunks, with an argmax-based backward.
+    ``v[b, :, k] = avg_hw(x_b + A_bk) + max_hw(x_b + A_bk)``, the map broadcast over channels.
+    The average is computed in closed form, ``avg(x) + avg(A_k)``. With ``fused=True`` the max
+    runs in chunks with an argmax backward (no ``(B, C, K, H*W)`` tensor is kept); with
+    ``fused=False`` it is the plain broadcast ``(x + A).amax``. The maps are cast to the
+    features' dtype.
     """
     check_feature_map(features, "features")
     check_float_tensor(attention_maps, "attention_maps", "(B, K, H, W)")
+    check_same_device(features, attention_maps, "features", "attention_maps")
     b, _, h, w = features.shape
     if attention_maps.shape[0] != b or attention_maps.shape[2:] != features.shape[2:]:
         raise ValueError(
@@ -212,11 +99,9 @@ def attention_part_pool(features: Tensor, attention_maps: Tensor) -> Tensor:
     x = features.flatten(2)
     a = attention_maps.flatten(2).to(x.dtype)
     avg = x.mean(dim=2).unsqueeze(2) + a.mean(dim=2).unsqueeze(1)
-    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
-        mx: Tensor = _AddMax.apply(x, a)[0]
-    else:
-        mx, _ = _add_max(x, a, with_indices=False)
-    return avg + mx
+    if fused:
+        return avg + add_max_pool(x, a)
+    return avg + (x.unsqueeze(2) + a.unsqueeze(1)).amax(dim=3)
 
 
 def signed_sqrt_l2(part_features: Tensor, eps: float = 1e-12) -> Tensor:
@@ -224,29 +109,56 @@ def signed_sqrt_l2(part_features: Tensor, eps: float = 1e-12) -> Tensor:
 
     ``sign(v) * sqrt(|v| + eps)``, laid out as ``k*C + c``, then divided by its L2 norm.
     """
-    if part_features.ndim != 3:
-        raise ValueError(
-            f"part_features must have shape (B, C, K), got shape {tuple(part_features.shape)}"
-        )
+    check_float_tensor(part_features, "part_features", "(B, C, K)")
     flat = part_features.transpose(1, 2).flatten(1)
     flat = torch.sign(flat) * torch.sqrt(flat.abs() + eps)
     return nn.functional.normalize(flat, dim=1)
 
 
-def local_attention_pool(
-    features: Tensor, attention: Tensor, num_attentions: int
+def _pool(features: Tensor, attention: Tensor, k: int, fused: bool) -> LocalAttentionOutput:
+    maps = select_attention_maps(attention, k)
+    parts = attention_part_pool(features, maps, fused=fused)
+    global_feature = parts.amax(dim=2) + parts.mean(dim=2)
+    return LocalAttentionOutput(parts, maps, signed_sqrt_l2(parts), global_feature)
+
+
+def local_attention_system(
+    features: Tensor, attention: Tensor, num_attentions: int, *, fused: bool = True
 ) -> LocalAttentionOutput:
     """Select the top-``K`` maps of ``attention`` and pool ``features`` with them.
 
     Args:
         features: ``(B, C, H, W)`` feature map.
-        attention: ``(B, M, H, W)`` non-negative attention maps, ``M >= K``.
+        attention: ``(B, M, H, W)`` non-negative attention maps, ``M >= K``, on the features'
+            device. Negative or NaN values raise a ValueError; the check reads one flag back
+            from the device (skipped while a graph is captured by ``torch.compile`` or
+            ``torch.export``). :class:`LocalAttentionSystem` does not need it (its maps come
+            out of a ReLU).
         num_attentions: ``K``.
+        fused: use the chunked max kernel (see :func:`attention_part_pool`).
     """
-    maps = select_attention_maps(attention, num_attentions)
-    parts = attention_part_pool(features, maps)
-    global_feature = parts.amax(dim=2) + parts.mean(dim=2)
-    return LocalAttentionOutput(parts, maps, signed_sqrt_l2(parts), global_feature)
+    check_feature_map(features, "features")
+    check_float_tensor(attention, "attention", "(B, M, H, W)")
+    check_same_device(features, attention, "features", "attention")
+    if not is_capturing() and not bool((attention >= 0).all()):
+        raise ValueError(
+            "attention maps must be non-negative and not NaN (LAS maps come out of a ReLU); "
+            f"got min {attention.amin().item():g} (apply torch.relu first)"
+        )
+    return _pool(features, attention, num_attentions, fused)
+
+
+def local_attention_pool(
+    features: Tensor, attention: Tensor, num_attentions: int
+) -> LocalAttentionOutput:
+    """Deprecated name of :func:`local_attention_system`."""
+    warnings.warn(
+        "local_attention_pool is deprecated: use "
+        "`from lagnet.layers import local_attention_system` (same arguments)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return local_attention_system(features, attention, num_attentions)
 
 
 class LocalAttentionSystem(nn.Module):
@@ -256,12 +168,24 @@ class LocalAttentionSystem(nn.Module):
         in_channels: ``C`` of the input feature map.
         num_attentions: ``K``, how many maps to keep (``1 <= K <= C``).
         bn_eps: epsilon of the attention batch norm (1e-3 in the released code).
+        fused: use the fast kernels: chunked max pooling with an argmax backward, and on the
+            CPU a backward of the 1x1 convolution that skips the channels no kept map uses.
+            ``False`` gives the plain torch operations (same values). Can be changed later
+            through the ``fused`` attribute.
 
     Shapes: ``forward((B, C, H, W)) -> LocalAttentionOutput`` with ``part_features (B, C, K)``,
     ``attention_maps (B, K, H, W)``, ``attention_features (B, K*C)``, ``global_feature (B, C)``.
+    The input must have the parameters' dtype (any float dtype under autocast works).
     """
 
-    def __init__(self, in_channels: int, num_attentions: int = 24, *, bn_eps: float = 1e-3) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_attentions: int = 24,
+        *,
+        bn_eps: float = 1e-3,
+        fused: bool = True,
+    ) -> None:
         super().__init__()
         check_positive_int(in_channels, "in_channels")
         check_positive_int(num_attentions, "num_attentions")
@@ -272,28 +196,33 @@ class LocalAttentionSystem(nn.Module):
             )
         self.in_channels = in_channels
         self.num_attentions = num_attentions
-        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=1, bias=False)
+        self.conv = SparseGradConv1x1(in_channels, in_channels)
         self.bn = nn.BatchNorm2d(in_channels, eps=bn_eps)
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_in", nonlinearity="relu")
+        self.fused = fused
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fast kernels are used (see the class docstring)."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"fused must be a bool, got {value!r}")
+        self._fused = value
+        if isinstance(self.conv, SparseGradConv1x1):
+            self.conv.sparse_backward = value
 
     def attention(self, x: Tensor) -> Tensor:
         """All ``C`` non-negative attention maps: ``(B, C, H, W) -> (B, C, H, W)``."""
-        weight = self.conv.weight
-        if (
-            x.device.type == "cpu"
-            and torch.is_grad_enabled()
-            and (x.requires_grad or weight.requires_grad)
-            and not _capturing()
-        ):
-            z = _ChannelSparseConv1x1.apply(x, weight)
-        else:
-            z = self.conv(x)
-        return torch.relu(self.bn(z))
+        return torch.relu(self.bn(self.conv(x)))
 
     def forward(self, x: Tensor) -> LocalAttentionOutput:
         check_feature_map(x)
         check_channels(x, self.in_channels)
-        return local_attention_pool(x, self.attention(x), self.num_attentions)
+        check_input_dtype(x, self.conv.weight.dtype, "x", "LocalAttentionSystem")
+        return _pool(x, self.attention(x), self.num_attentions, self._fused)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, num_attentions={self.num_attentions}"

@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import warnings
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
 
-from lagnet._validation import check_channels, check_feature_map, check_positive_int
+from lagnet._validation import (
+    check_channels,
+    check_choice,
+    check_feature_map,
+    check_float,
+    check_input_dtype,
+    check_nonnegative_int,
+    check_positive_int,
+)
 from lagnet.layers.pooling import POOL_MODES, PoolMode, global_pool, stripe_pool
 
 __all__ = [
+    "STRIPE_SOURCES",
     "EmbeddingHead",
     "HeadOutput",
     "MultiGranularityHead",
     "MultiGranularityOutput",
     "ReductionHead",
+    "StripeSource",
 ]
 
 
-def _as_vector(x: Tensor, channels: int, name: str) -> Tensor:
+def _as_vector(x: Tensor, channels: int, name: str, training: bool) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
     if x.ndim == 4 and x.shape[2:] == (1, 1):
         x = x.flatten(1)
     if x.ndim != 2:
@@ -27,7 +40,50 @@ def _as_vector(x: Tensor, channels: int, name: str) -> Tensor:
     if not x.is_floating_point():
         raise TypeError(f"{name} expects a floating-point tensor, got dtype {x.dtype}")
     check_channels(x, channels, name)
+    if training and x.shape[0] < 2:
+        raise ValueError(
+            f"{name} in training mode needs a batch of at least 2 (batch norm cannot take "
+            f"statistics of {x.shape[0]} sample), got shape {tuple(x.shape)}; "
+            "call .eval() to embed single samples"
+        )
     return x
+
+
+def _legacy_head_arguments(
+    args: tuple[int, ...], num_classes: int | None, embed_dim: int
+) -> tuple[int, int]:
+    """``(num_classes, embed_dim)`` from EmbeddingHead's positional arguments (see its doc)."""
+    if len(args) > 2:
+        raise TypeError(
+            "EmbeddingHead takes (in_channels, num_classes, *, embed_dim=..., "
+            f"negative_slope=...), got {1 + len(args)} positional arguments"
+        )
+    if args and num_classes is not None:
+        raise TypeError(
+            f"EmbeddingHead got num_classes={num_classes} by keyword and positional "
+            f"arguments {args}; pass num_classes and embed_dim by keyword"
+        )
+    if len(args) == 2:
+        warnings.warn(
+            f"EmbeddingHead(in_channels, {args[0]}, {args[1]}) uses the old order "
+            "(in_features, embed_dim, num_classes); write "
+            f"EmbeddingHead(in_channels, num_classes={args[1]}, embed_dim={args[0]})",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return args[1], args[0]
+    if len(args) == 1:
+        warnings.warn(
+            f"EmbeddingHead(in_channels, {args[0]}): the second positional argument is now "
+            "num_classes (it used to be embed_dim); pass it by keyword, "
+            f"EmbeddingHead(in_channels, num_classes={args[0]}), to silence this warning",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return args[0], embed_dim
+    if num_classes is None:
+        raise TypeError("EmbeddingHead needs num_classes (the number of identities)")
+    return num_classes, embed_dim
 
 
 class HeadOutput(NamedTuple):
@@ -40,42 +96,56 @@ class HeadOutput(NamedTuple):
 class EmbeddingHead(nn.Module):
     """``BN1d -> LeakyReLU(0.1) -> Linear -> BN1d`` = the feature, then ``Linear`` = the logits.
 
+    Signature: ``EmbeddingHead(in_channels, num_classes, *, embed_dim=512, negative_slope=0.1)``.
+    Until the next release the positional forms warn (``DeprecationWarning``), because the
+    second positional argument used to be ``embed_dim``: ``EmbeddingHead(C, N)`` is read as
+    ``num_classes=N`` and ``EmbeddingHead(C, D, N)`` keeps its old meaning. Pass ``num_classes``
+    and ``embed_dim`` by keyword.
+
     Shapes: ``(B, C)`` or ``(B, C, 1, 1)`` -> ``HeadOutput(feature (B, D), logits (B, N))``.
+    Training needs ``B >= 2`` (batch norm statistics); the input must have the parameters'
+    dtype (any float dtype under autocast works).
     """
 
     def __init__(
         self,
-        in_features: int,
+        in_channels: int,
+        *args: int,
+        num_classes: int | None = None,
         embed_dim: int = 512,
-        num_classes: int = 751,
-        *,
         negative_slope: float = 0.1,
     ) -> None:
         super().__init__()
-        self.in_features = check_positive_int(in_features, "in_features")
-        self.embed_dim = check_positive_int(embed_dim, "embed_dim")
+        num_classes, embed_dim = _legacy_head_arguments(args, num_classes, embed_dim)
+        self.in_channels = check_positive_int(in_channels, "in_channels")
         self.num_classes = check_positive_int(num_classes, "num_classes")
-        linear = nn.Linear(in_features, embed_dim, bias=False)
+        self.embed_dim = check_positive_int(embed_dim, "embed_dim")
+        slope = check_float(negative_slope, "negative_slope", low=0.0)
+        linear = nn.Linear(in_channels, embed_dim, bias=False)
         nn.init.kaiming_normal_(linear.weight, mode="fan_out")
-        self.neck = nn.Sequential(nn.BatchNorm1d(in_features), nn.LeakyReLU(negative_slope), linear)
+        self.neck = nn.Sequential(nn.BatchNorm1d(in_channels), nn.LeakyReLU(slope), linear)
         self.bottleneck = nn.BatchNorm1d(embed_dim)
         self.classifier = nn.Linear(embed_dim, num_classes, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.001)
 
     def forward(self, x: Tensor) -> HeadOutput:
-        x = _as_vector(x, self.in_features, "EmbeddingHead")
+        x = _as_vector(x, self.in_channels, "EmbeddingHead", self.training)
+        check_input_dtype(x, self.classifier.weight.dtype, "x", "EmbeddingHead")
         feature = self.bottleneck(self.neck(x))
         return HeadOutput(feature, self.classifier(feature))
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, embed_dim={self.embed_dim}, "
-            f"num_classes={self.num_classes}"
+            f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
+            f"embed_dim={self.embed_dim}"
         )
 
 
 class ReductionHead(nn.Sequential):
-    """``Conv1x1 -> BN2d -> ReLU`` on a pooled descriptor: ``(B, C[, 1, 1]) -> (B, R)``."""
+    """``Conv1x1 -> BN2d -> ReLU`` on a pooled descriptor: ``(B, C[, 1, 1]) -> (B, R)``.
+
+    ``R`` is ``out_channels``. Training needs ``B >= 2`` (batch norm statistics).
+    """
 
     def __init__(self, in_channels: int, out_channels: int = 256) -> None:
         check_positive_int(in_channels, "in_channels")
@@ -87,7 +157,10 @@ class ReductionHead(nn.Sequential):
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        x = _as_vector(x, self.in_channels, "ReductionHead")
+        x = _as_vector(x, self.in_channels, "ReductionHead", self.training)
+        conv = self[0]
+        assert isinstance(conv, nn.Conv2d)
+        check_input_dtype(x, conv.weight.dtype, "x", "ReductionHead")
         out = x[:, :, None, None]
         for module in self:
             out = module(out)
@@ -114,6 +187,12 @@ class MultiGranularityOutput(NamedTuple):
     stripe_reduced: Tensor
 
 
+StripeSource = Literal["map", "pooled"]
+"""Where :class:`MultiGranularityHead` takes its stripes from."""
+
+STRIPE_SOURCES: tuple[str, ...] = get_args(StripeSource)
+
+
 class MultiGranularityHead(nn.Module):
     """A branch's global descriptor, ``S`` horizontal stripes, and their heads.
 
@@ -126,9 +205,10 @@ class MultiGranularityHead(nn.Module):
         pool: pooling of the global descriptor and the stripes (``"max+avg"``).
         stripes_from: ``"map"`` pools real stripes of the feature map (the paper);
             ``"pooled"`` pools the already pooled ``1x1`` descriptor, so every stripe equals
-            the global one (the released code's quirk, REFERENCE.md section 4).
+            the global one (the released code's quirk, see docs/reference-code.md).
 
-    Shapes: ``(B, C, H, W) -> MultiGranularityOutput``; any ``H, W``.
+    Shapes: ``(B, C, H, W) -> MultiGranularityOutput``; any ``H, W``. The stripes are pooled
+    in one :func:`~lagnet.layers.stripe_pool` call; each stripe then has its own heads.
     """
 
     def __init__(
@@ -140,26 +220,25 @@ class MultiGranularityHead(nn.Module):
         embed_dim: int = 512,
         reduce_dim: int = 256,
         pool: PoolMode = "max+avg",
-        stripes_from: str = "map",
+        stripes_from: StripeSource = "map",
     ) -> None:
         super().__init__()
         self.in_channels = check_positive_int(in_channels, "in_channels")
-        if isinstance(num_stripes, bool) or not isinstance(num_stripes, int) or num_stripes < 0:
-            raise ValueError(f"num_stripes must be an int >= 0, got {num_stripes!r}")
-        if stripes_from not in ("map", "pooled"):
-            raise ValueError(f"stripes_from must be 'map' or 'pooled', got {stripes_from!r}")
-        if pool not in POOL_MODES:
-            raise ValueError(f"unknown pooling mode {pool!r}; expected one of {POOL_MODES}")
-        self.num_stripes = num_stripes
+        check_positive_int(num_classes, "num_classes")
+        self.num_stripes = check_nonnegative_int(num_stripes, "num_stripes")
+        self.embed_dim = check_positive_int(embed_dim, "embed_dim")
+        self.reduce_dim = check_positive_int(reduce_dim, "reduce_dim")
+        check_choice(pool, "pool", POOL_MODES)
+        check_choice(stripes_from, "stripes_from", STRIPE_SOURCES)
         self.pool: PoolMode = pool
-        self.stripes_from = stripes_from
-        self.embed_dim = embed_dim
-        self.reduce_dim = reduce_dim
-        self.head = EmbeddingHead(in_channels, embed_dim, num_classes)
+        self.stripes_from: StripeSource = stripes_from
+
+        def embedding() -> EmbeddingHead:
+            return EmbeddingHead(in_channels, num_classes=num_classes, embed_dim=embed_dim)
+
+        self.head = embedding()
         self.reduction = ReductionHead(in_channels, reduce_dim)
-        self.stripe_heads = nn.ModuleList(
-            EmbeddingHead(in_channels, embed_dim, num_classes) for _ in range(num_stripes)
-        )
+        self.stripe_heads = nn.ModuleList(embedding() for _ in range(num_stripes))
         self.stripe_reductions = nn.ModuleList(
             ReductionHead(in_channels, reduce_dim) for _ in range(num_stripes)
         )
@@ -172,29 +251,24 @@ class MultiGranularityHead(nn.Module):
         reduced = self.reduction(g)
         b = x.shape[0]
         if self.num_stripes == 0:
-            empty = x.new_zeros(b, 0, self.embed_dim)
             return MultiGranularityOutput(
                 head.feature,
                 head.logits,
                 reduced,
-                empty,
+                head.feature.new_zeros(b, 0, self.embed_dim),
                 head.logits.new_zeros(b, 0, head.logits.shape[1]),
                 reduced.new_zeros(b, 0, self.reduce_dim),
             )
         source = g[:, :, None, None] if self.stripes_from == "pooled" else x
-        stripes = stripe_pool(source, self.num_stripes, self.pool)
-        feats, logits, reds = [], [], []
-        for i, (sh, sr) in enumerate(zip(self.stripe_heads, self.stripe_reductions, strict=True)):
-            out = sh(stripes[:, :, i])
-            feats.append(out.feature)
-            logits.append(out.logits)
-            reds.append(sr(stripes[:, :, i]))
+        stripes = stripe_pool(source, self.num_stripes, self.pool).unbind(2)
+        outs = [h(s) for h, s in zip(self.stripe_heads, stripes, strict=True)]
+        reds = [r(s) for r, s in zip(self.stripe_reductions, stripes, strict=True)]
         return MultiGranularityOutput(
             head.feature,
             head.logits,
             reduced,
-            torch.stack(feats, dim=1),
-            torch.stack(logits, dim=1),
+            torch.stack([o.feature for o in outs], dim=1),
+            torch.stack([o.logits for o in outs], dim=1),
             torch.stack(reds, dim=1),
         )
 

@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lagnet import BatchAttentionDropBlock, attention_drop_mask, batch_attention_drop_block
+from lagnet.layers import (
+    BatchAttentionDropBlock,
+    LocalAttentionSystem,
+    attention_drop_mask,
+    batch_attention_drop_block,
+)
+
+CUDA = torch.cuda.is_available()
 
 
 def one_hot_maps(b: int, values: list[float], h: int = 4, w: int = 4) -> torch.Tensor:
@@ -57,9 +64,9 @@ def test_map_choice_follows_sqrt_energy() -> None:
     dropped_at = (~keep).view(b, 16)[:, :4].float().mean(dim=0)
     sq = torch.tensor([1.0, 2.0, 4.0, 1e-6])
     torch.testing.assert_close(dropped_at, sq / sq.sum(), atol=0.015, rtol=0)
-    # Exactly one position is dropped per sample, except when the zero map is drawn (all).
+    # Exactly one position is dropped per sample, none when the zero map is drawn.
     per_sample = (~keep).view(b, 16).sum(dim=1)
-    assert set(per_sample.unique().tolist()) <= {1, 16}
+    assert set(per_sample.unique().tolist()) <= {0, 1}
 
 
 def test_generator_determinism() -> None:
@@ -166,17 +173,132 @@ def test_channels_last_and_autocast() -> None:
     assert outb.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_compile_fullgraph() -> None:
+def test_compile_fullgraph_training() -> None:
     drop = BatchAttentionDropBlock(rescale=True)
-    x = torch.randn(4, 3, 6, 4)
+    x = torch.randn(4, 3, 6, 4, requires_grad=True)
     maps = torch.rand(4, 5, 6, 4)
     out = torch.compile(drop, fullgraph=True)(x, maps)
-    assert out.shape == x.shape
-    zeroed = (out == 0).all(dim=1)
-    assert zeroed.any(dim=(1, 2)).all()
+    out.sum().backward()
+    zeroed = (out == 0).all(dim=1, keepdim=True)
+    assert zeroed.any(dim=(2, 3)).all() and not zeroed.all(dim=(2, 3)).any()
+    # the gradient is the (rescaled) mask: 0 where dropped, H*W / kept elsewhere
+    kept = (~zeroed).sum(dim=(2, 3), keepdim=True).float()
+    expected = torch.where(zeroed, 0.0, 24 / kept).expand_as(x)
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.parametrize("region", ["sample", "batch"])
+def test_maps_without_a_peak_drop_nothing(region: str) -> None:
+    x = torch.randn(3, 2, 4, 5)
+    drop = BatchAttentionDropBlock(region=region)  # type: ignore[arg-type]
+    for maps in (torch.zeros(3, 4, 4, 5), torch.full((3, 4, 4, 5), 0.7)):
+        assert torch.equal(drop(x, maps), x)
+    # a map whose every position reaches 0.5 * max: nothing to single out either
+    offset = torch.full((3, 1, 4, 5), 1.0)
+    offset[:, :, 0, 0] = 1.5
+    assert torch.equal(drop(x, offset), x)
+    assert torch.equal(drop(torch.ones(3, 2, 4, 5)), torch.ones(3, 2, 4, 5))  # flat features
+
+
+def test_a_single_position_is_never_dropped() -> None:
+    x = torch.randn(4, 3, 1, 1)
+    drop = BatchAttentionDropBlock()
+    assert torch.equal(drop(x), x)
+    assert torch.equal(drop(x, torch.rand(4, 5, 1, 1)), x)
+    assert torch.equal(drop(x, torch.rand(4, 5, 3, 3)), x)  # maps resized to 1x1
+
+
+def test_flat_and_peaked_samples_in_one_batch() -> None:
+    maps = torch.zeros(2, 1, 3, 3)
+    maps[1, 0, 2, 1] = 4.0  # sample 0 flat (zero), sample 1 peaked at (2, 1)
+    keep = attention_drop_mask(torch.ones(2, 1, 3, 3), maps)
+    assert keep[0].all()
+    expected = torch.ones(3, 3, dtype=torch.bool)
+    expected[2, 1] = False
+    assert torch.equal(keep[1, 0], expected)
+
+
+def test_documented_example_drops_a_real_region() -> None:
+    torch.manual_seed(0)
+    features = torch.randn(4, 1024, 24, 8)
+    drop = BatchAttentionDropBlock(threshold=0.5)
+    dropped_alone = drop(features)  # attention: the channel-mean |activation|
+    zeroed = (dropped_alone == 0).all(dim=1)
+    counts = zeroed.sum(dim=(1, 2))
+    assert (counts > 0).all() and (counts < 24 * 8).all(), counts
+    # the dropped positions are those at or above the middle of the map's range
+    a = features.abs().mean(dim=1)
+    lo, hi = a.amin(dim=(1, 2), keepdim=True), a.amax(dim=(1, 2), keepdim=True)
+    assert torch.equal(zeroed, a - lo >= 0.5 * (hi - lo))
+    kept = ~zeroed.unsqueeze(1)
+    assert torch.equal(dropped_alone * kept, features * kept)
+    las = LocalAttentionSystem(1024, 16)
+    out = las(features)
+    dropped = drop(features, out.attention_maps)
+    counts = (dropped == 0).all(dim=1).sum(dim=(1, 2))
+    assert (counts > 0).all() and (counts < 24 * 8).all(), counts
+
+
+def test_bad_attention_maps_are_refused_on_the_cpu() -> None:
+    x = torch.randn(2, 3, 4, 4)
+    drop = BatchAttentionDropBlock()
+    for bad in (-1.0, float("nan"), float("inf")):
+        maps = torch.rand(2, 3, 4, 4)
+        maps[1, 2, 3, 0] = bad
+        with pytest.raises(
+            ValueError, match=rf"finite and non-negative.*found 1 bad values, e.g. {bad}"
+        ):
+            drop(x, maps)
+    with pytest.raises(ValueError, match="attention_maps is on meta but x is on cpu"):
+        drop(x, torch.rand(2, 3, 4, 4, device="meta"))
+    with pytest.raises(
+        ValueError, match=r"K >= 1, got x \(2, 3, 4, 4\), attention_maps \(2, 0, 4, 4\)"
+    ):
+        drop(x, torch.rand(2, 0, 4, 4))
+
+
+def test_cpu_bf16_autocast_trains_with_las_maps() -> None:
+    torch.manual_seed(2)
+    las = LocalAttentionSystem(8, 3)
+    x = torch.randn(4, 8, 6, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = las(x)
+        dropped = BatchAttentionDropBlock(rescale=True)(x, out.attention_maps)
+        loss = dropped.float().square().mean() + out.global_feature.float().sum()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert dropped.is_contiguous(memory_format=torch.channels_last)
+    assert x.grad is not None and x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_trains_without_a_sync(dtype: torch.dtype) -> None:
+    torch.manual_seed(2)
+    las = LocalAttentionSystem(8, 3).cuda()
+    x = torch.randn(4, 8, 6, 4, device="cuda").contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    out = las(x)  # warm-up outside the sync check (cuDNN/cuBLAS initialisation)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=dtype):
+            out = las(x)
+            dropped = BatchAttentionDropBlock()(x, out.attention_maps)
+            loss = dropped.float().square().mean() + out.global_feature.float().sum()
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)
+    assert x.grad is not None and x.grad.dtype == torch.float32
 
 
 def test_errors() -> None:
+    with pytest.raises(TypeError, match=r"threshold must be a number, got str \('0.5'\)"):
+        BatchAttentionDropBlock(threshold="0.5")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="threshold must be a finite number, got nan"):
+        BatchAttentionDropBlock(threshold=float("nan"))
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match=rf"threshold must be in \(0, 1\], got {bad}"):
             BatchAttentionDropBlock(threshold=bad)
@@ -184,7 +306,9 @@ def test_errors() -> None:
         ValueError, match=r"p \(the probability of dropping\) must be in \[0, 1\], got 2"
     ):
         BatchAttentionDropBlock(p=2)
-    with pytest.raises(ValueError, match="unknown region 'pixel'"):
+    with pytest.raises(
+        ValueError, match=r"region must be one of \('sample', 'batch'\), got 'pixel'"
+    ):
         BatchAttentionDropBlock(region="pixel")  # type: ignore[arg-type]
     drop = BatchAttentionDropBlock()
     with pytest.raises(
@@ -193,7 +317,7 @@ def test_errors() -> None:
         drop(torch.randn(2, 3))
     with pytest.raises(TypeError, match="floating-point tensor, got dtype torch.int32"):
         drop(torch.ones(2, 3, 4, 4, dtype=torch.int32))
-    with pytest.raises(ValueError, match="attention_maps has batch size 3 but x has 2"):
+    with pytest.raises(ValueError, match="with B = 2 .the batch size of x. and K >= 1"):
         drop(torch.randn(2, 3, 4, 4), torch.rand(3, 2, 4, 4))
     with pytest.raises(
         ValueError,

@@ -5,7 +5,11 @@ float32, and one output, ``output`` ``(B, D)`` (``D = 3584`` for the default LAG
 that re-ID feature extractors in multi-object trackers look for. The batch dimension is
 dynamic by default; ``H`` and ``W`` are fixed at export time. With
 ``include_normalization=True`` the graph takes RGB images scaled to ``[0, 1]`` and applies the
-ImageNet mean/std itself.
+ImageNet mean/std itself. The input and output stay float32 for a float16 or bfloat16 model: the
+graph casts the images to the model's dtype and the embedding back to float32.
+
+A model whose forward branches in Python on tensor values (``if x.sum() > 0:``) cannot become a
+static graph; exporting it raises a ValueError that names the line.
 
 :func:`export_program` returns the :class:`torch.export.ExportedProgram` of the same module.
 
@@ -19,13 +23,12 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from lagnet._io import atomic_write
 from lagnet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -70,6 +73,10 @@ class EmbeddingExportModule(nn.Module):
         include_normalization: normalise inside the module.
         mean: per-channel mean (RGB) used when normalising.
         std: per-channel standard deviation (RGB) used when normalising.
+        compute_dtype: the model's floating-point dtype when it is not float32 (a ``.half()``
+            or ``.bfloat16()`` model): the module still takes float32 images, normalises them
+            in float32, casts them to ``compute_dtype`` for the model, and returns a float32
+            embedding. ``None`` leaves the dtypes alone.
     """
 
     mean: Tensor
@@ -82,29 +89,40 @@ class EmbeddingExportModule(nn.Module):
         include_normalization: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if compute_dtype is not None and not (
+            isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
+        ):
+            raise TypeError(
+                f"compute_dtype must be a floating-point torch.dtype or None, got {compute_dtype!r}"
+            )
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std need 3 values (RGB), got mean={mean}, std={std}")
         if any(s <= 0 for s in std):
             raise ValueError(f"std values must be positive, got {tuple(std)}")
         self.model = model
         self.include_normalization = bool(include_normalization)
+        self.compute_dtype = compute_dtype
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images: Tensor) -> Tensor:
         if self.include_normalization:
             images = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        if self.compute_dtype is not None:
+            images = images.to(self.compute_dtype)
         out = self.model(images)
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"the model must return a (B, D) tensor in eval mode, got {type(out).__name__}"
             )
-        return out
+        return out if self.compute_dtype is None else out.float()
 
     def extra_repr(self) -> str:
-        return f"include_normalization={self.include_normalization}"
+        extra = "" if self.compute_dtype is None else f", compute_dtype={self.compute_dtype}"
+        return f"include_normalization={self.include_normalization}{extra}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,89 +182,6 @@ def _reference_tensor(model: nn.Module) -> Tensor | None:
     return next((t for t in tensors if t.is_floating_point()), None)
 
 
-# ---------------------------------------------------------------------------------------------
-# export-friendly adaptive max pooling
-# ---------------------------------------------------------------------------------------------
-
-
-def _window(index: int, size_in: int, size_out: int) -> tuple[int, int]:
-    """Rows (or columns) ``[start, stop)`` pooled into output cell ``index`` (adaptive pooling)."""
-    start = (index * size_in) // size_out
-    stop = -((-(index + 1) * size_in) // size_out)
-    return start, stop
-
-
-def _adaptive_max_pool2d(x: Tensor, output_size: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """``aten.adaptive_max_pool2d`` as slices and reductions (static ``H``, ``W``).
-
-    The ONNX exporter has no translation for adaptive max pooling when the output size does
-    not divide the input size (LAG-Net's 3 stripes of a height-8 map, or the reference
-    variant's stripes of a 1x1 map), and torch's own decomposition does not cover that case.
-    """
-    h_in, w_in = int(x.shape[-2]), int(x.shape[-1])
-    h_out, w_out = int(output_size[0]), int(output_size[1])
-    rows_v: list[Tensor] = []
-    rows_i: list[Tensor] = []
-    for i in range(h_out):
-        h0, h1 = _window(i, h_in, h_out)
-        cols_v: list[Tensor] = []
-        cols_i: list[Tensor] = []
-        for j in range(w_out):
-            w0, w1 = _window(j, w_in, w_out)
-            values, arg = x[..., h0:h1, w0:w1].flatten(-2).max(dim=-1)
-            width = w1 - w0
-            cols_v.append(values)
-            cols_i.append((arg // width + h0) * w_in + arg % width + w0)
-        rows_v.append(torch.stack(cols_v, dim=-1))
-        rows_i.append(torch.stack(cols_i, dim=-1))
-    return torch.stack(rows_v, dim=-2), torch.stack(rows_i, dim=-2)
-
-
-def _output_size(x: Tensor, output_size: object) -> tuple[int, int]:
-    sizes = (output_size, output_size) if isinstance(output_size, int) else output_size
-    if not isinstance(sizes, Sequence) or len(sizes) != 2:
-        raise ValueError(f"adaptive_max_pool2d output_size must be 2 ints, got {output_size!r}")
-    h = int(x.shape[-2]) if sizes[0] is None else int(sizes[0])
-    w = int(x.shape[-1]) if sizes[1] is None else int(sizes[1])
-    return h, w
-
-
-class _PortablePooling(TorchFunctionMode):
-    """While exporting, compute adaptive max pooling as slices and reductions.
-
-    The graph then holds no ``adaptive_max_pool2d`` (which the ONNX exporter cannot translate
-    when the output size does not divide the input size); the values are the same.
-    """
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: Sequence[Any] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        if func in _ADAPTIVE_MAX_POOL and args and isinstance(args[0], Tensor):
-            x = args[0]
-            size = args[1] if len(args) > 1 else kwargs["output_size"]
-            if len(args) > 2:
-                with_indices = bool(args[2])
-            elif func is _ADAPTIVE_MAX_POOL[0]:
-                with_indices = bool(kwargs.get("return_indices", False))
-            else:
-                with_indices = True
-            values, indices = _adaptive_max_pool2d(x, _output_size(x, size))
-            return (values, indices) if with_indices else values
-        return func(*args, **kwargs)
-
-
-_ADAPTIVE_MAX_POOL: tuple[Callable[..., Any], ...] = (
-    torch.nn.functional.adaptive_max_pool2d,
-    torch.nn.functional.adaptive_max_pool2d_with_indices,
-    torch._C._nn.adaptive_max_pool2d,
-)
-
-
 def _prepare(
     model: nn.Module,
     input_size: object,
@@ -262,11 +197,16 @@ def _prepare(
         raise TypeError(f"include_normalization must be a bool, got {include_normalization!r}")
     ref = _reference_tensor(model)
     device = ref.device if ref is not None else torch.device("cpu")
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-    module = EmbeddingExportModule(model, include_normalization=include_normalization)
+    dtype = ref.dtype if ref is not None else torch.float32
+    module = EmbeddingExportModule(
+        model,
+        include_normalization=include_normalization,
+        compute_dtype=None if dtype == torch.float32 else dtype,
+    )
     module = module.to(device).eval()
+    # float32 images whatever the model's dtype (the module casts them);
     # batch 2 for a dynamic batch: torch.export specialises sizes 0 and 1
-    example = torch.rand(2 if dynamic_batch else 1, 3, height, width, device=device, dtype=dtype)
+    example = torch.rand(2 if dynamic_batch else 1, 3, height, width, device=device)
     try:
         with torch.no_grad():
             out = module(example)
@@ -282,14 +222,38 @@ def _prepare(
     return module, example, int(out.shape[1])
 
 
+def _is_data_dependent(err: BaseException) -> bool:
+    text = f"{type(err).__name__} {err}".lower()
+    return "datadependent" in text or "data-dependent" in text or "data dependent" in text
+
+
+def _where(err: BaseException) -> str:
+    """``File "...", line N, in forward: code`` of the call torch.export names, if any."""
+    lines = str(err).splitlines()
+    marker = "The following call raised this error:"
+    if marker not in lines:
+        return ""
+    at = lines.index(marker)
+    found = [line.strip() for line in lines[at + 1 : at + 3] if line.strip()]
+    return f" (at {': '.join(found)})" if found else ""
+
+
 def _export(
     module: EmbeddingExportModule, example: Tensor, dynamic_batch: bool
 ) -> torch.export.ExportedProgram:
     dynamic_shapes: dict[str, Any] | None = None
     if dynamic_batch:
         dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1)}}
-    with _PortablePooling():
+    try:
         return torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes)
+    except Exception as err:
+        if not _is_data_dependent(err):
+            raise
+        raise ValueError(
+            "the model cannot be exported as one static graph: its forward takes a Python "
+            f"branch on tensor values{_where(err)}, such as `if x.sum() > 0:`. Write the "
+            "branch as a tensor operation (torch.where) or keep it out of the exported model"
+        ) from err
 
 
 def export_program(
@@ -314,7 +278,8 @@ def export_program(
         ``(B, D)`` embedding.
 
     Raises:
-        ValueError: the model is in training mode, or cannot take ``input_size``.
+        ValueError: the model is in training mode, cannot take ``input_size``, or branches in
+            Python on tensor values.
         TypeError: arguments of the wrong type.
     """
     module, example, _ = _prepare(model, input_size, dynamic_batch, include_normalization)
@@ -385,7 +350,8 @@ def to_onnx(
     it before comparing, and sum it with the embedding of the flipped image if you evaluate as
     the reference does). The file is written atomically (temporary file, then rename) and
     checked with ``onnx.checker``. Model properties record the lagnet version, input size,
-    normalisation and embedding size.
+    normalisation and embedding size. For a float16 / bfloat16 model the input and output are
+    still float32; the graph casts to the model's dtype and back.
 
     Args:
         model: an eval-mode :class:`~lagnet.model.LAGNet` (or any module whose eval forward
@@ -404,7 +370,7 @@ def to_onnx(
     Raises:
         ImportError: ``onnx``/``onnxscript`` are missing (``pip install "lagnet[onnx]"``).
         ValueError: the model is in training mode, the input size is too small for the model,
-            or the opset is out of range.
+            its forward branches on tensor values, or the opset is out of range.
         FileNotFoundError: the output folder does not exist.
     """
     out_path = _check_output_path(path)

@@ -10,7 +10,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lagnet import LAGNet, build_lagnet
 from lagnet.data import IMAGENET_MEAN, IMAGENET_STD
@@ -18,7 +17,6 @@ from lagnet.export import (
     INPUT_NAME,
     OUTPUT_NAME,
     EmbeddingExportModule,
-    _adaptive_max_pool2d,
     export_program,
     to_onnx,
 )
@@ -52,13 +50,27 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
-def assert_close_to_scale(actual: np.ndarray, expected: torch.Tensor) -> None:
-    exp = expected.detach().numpy()
+def assert_close_to_scale(
+    actual: np.ndarray, expected: torch.Tensor, relative: float = 1e-4
+) -> None:
+    exp = expected.detach().float().numpy()
     assert actual.shape == exp.shape
     scale = float(np.abs(exp).max())
     err = float(np.abs(actual - exp).max())
     assert scale > 0
-    assert err <= 1e-4 * scale, f"max abs diff {err} > 1e-4 * {scale}"
+    assert err <= relative * scale, f"max abs diff {err} > {relative} * {scale}"
+
+
+class TinyEmbedder(torch.nn.Module):
+    """conv -> relu -> spatial mean -> linear: a small (B, 3, H, W) -> (B, 5) model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -176,27 +188,6 @@ def test_torch_export_with_normalisation_and_static_batch() -> None:
         program.module()(torch.rand(2, 3, 64, 32))
 
 
-@pytest.mark.parametrize(
-    ("h_in", "w_in", "out"),
-    [
-        (4, 2, (3, 1)),
-        (8, 4, (3, 1)),
-        (1, 1, (3, 1)),
-        (24, 8, (3, 1)),
-        (7, 5, (3, 2)),
-        (5, 6, (5, 6)),
-    ],
-)
-def test_portable_adaptive_max_pool_matches_torch(
-    h_in: int, w_in: int, out: tuple[int, int]
-) -> None:
-    x = torch.randn(2, 3, h_in, w_in)
-    values, indices = _adaptive_max_pool2d(x, out)
-    ref_values, ref_indices = F.adaptive_max_pool2d(x, out, return_indices=True)
-    assert torch.equal(values, ref_values)
-    assert torch.equal(indices, ref_indices)
-
-
 def test_embedding_export_module_normalises(eval_model: LAGNet) -> None:
     model = eval_model
     wrapper = EmbeddingExportModule(model, include_normalization=True).eval()
@@ -278,6 +269,70 @@ def test_model_that_rejects_the_size_gets_a_value_error(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="cannot take input_size 64x32"):
         export_program(NeedsSquare().eval(), input_size=(64, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_keeps_a_float32_interface(dtype: torch.dtype) -> None:
+    torch.manual_seed(5)
+    model = TinyEmbedder().to(dtype).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    program = export_program(model, input_size=(32, 32))
+    images = torch.rand(3, 3, 32, 32)
+    got = program.module()(images)
+    assert got.dtype == torch.float32
+    with torch.no_grad():
+        expected = model(images.to(dtype)).float()
+    torch.testing.assert_close(got, expected)
+    for key, value in model.state_dict().items():  # the model keeps its dtype
+        assert value.dtype == dtype and torch.equal(value, before[key]), key
+
+
+def test_half_precision_model_exports_float32_onnx_input(tmp_path: Path) -> None:
+    torch.manual_seed(6)
+    model = TinyEmbedder().half().eval()
+    path = to_onnx(model, tmp_path / "fp16.onnx", input_size=(32, 32))
+    proto = onnx.load(str(path))
+    float32 = onnx.TensorProto.FLOAT
+    assert proto.graph.input[0].type.tensor_type.elem_type == float32
+    assert proto.graph.output[0].type.tensor_type.elem_type == float32
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = torch.rand(2, 3, 32, 32)
+    (got,) = session.run(None, {INPUT_NAME: images.numpy()})
+    assert got.dtype == np.float32
+    with torch.no_grad():
+        expected = model(images.half())
+    assert_close_to_scale(got, expected, relative=5e-3)  # float16 arithmetic in both
+
+
+class Branchy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.fc(x.mean(dim=(2, 3)))
+        return -self.fc(x.mean(dim=(2, 3)))
+
+
+def test_data_dependent_control_flow_gets_a_lagnet_error(tmp_path: Path) -> None:
+    pattern = (
+        r"cannot be exported as one static graph: its forward takes a Python branch on tensor "
+        r"values \(at File .*test_export.py\", line \d+, in forward: if x.sum\(\) > 0:\)"
+    )
+    with pytest.raises(ValueError, match=pattern):
+        export_program(Branchy().eval(), input_size=(32, 32))
+    with pytest.raises(ValueError, match="Python branch on tensor values"):
+        to_onnx(Branchy().eval(), tmp_path / "branchy.onnx", input_size=(32, 32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_module_compute_dtype_is_checked() -> None:
+    with pytest.raises(TypeError, match="compute_dtype must be a floating-point torch.dtype"):
+        EmbeddingExportModule(TinyEmbedder(), compute_dtype=torch.int8)
+    wrapper = EmbeddingExportModule(TinyEmbedder().double(), compute_dtype=torch.float64)
+    assert "compute_dtype=torch.float64" in repr(wrapper)
+    assert wrapper(torch.rand(1, 3, 8, 8)).dtype == torch.float32
 
 
 def test_missing_onnx_gives_install_hint(

@@ -22,16 +22,21 @@ import time
 import torch
 from torch import Tensor, nn
 
-from lagnet import BatchAttentionDropBlock, EmbeddingHead, LocalAttentionSystem, ReductionHead
-from lagnet.layers import global_pool, local_attention_pool
+from lagnet.layers import (
+    BatchAttentionDropBlock,
+    EmbeddingHead,
+    LocalAttentionSystem,
+    ReductionHead,
+    global_pool,
+)
 
 
 class Heads(nn.Module):
     def __init__(self, c: int, num_classes: int) -> None:
         super().__init__()
-        self.la_head = EmbeddingHead(c, 512, num_classes)
+        self.la_head = EmbeddingHead(c, num_classes=num_classes, embed_dim=512)
         self.la_reduction = ReductionHead(c, 256)
-        self.drop_head = EmbeddingHead(c, 512, num_classes)
+        self.drop_head = EmbeddingHead(c, num_classes=num_classes, embed_dim=512)
         self.drop_reduction = ReductionHead(c, 256)
 
     def forward(self, g_la: Tensor, g_d: Tensor) -> Tensor:
@@ -52,9 +57,8 @@ def ours(las: LocalAttentionSystem, heads: Heads, x: Tensor) -> Tensor:
 
 def ours_dense(las: LocalAttentionSystem, heads: Heads, x: Tensor) -> Tensor:
     """Ours, but with the attention convolution's ordinary (dense) backward."""
-    out = local_attention_pool(x, torch.relu(las.bn(las.conv(x))), las.num_attentions)
-    d = BatchAttentionDropBlock()(x, out.attention_maps)
-    return heads(out.global_feature, global_pool(d, "max+avg")) + out.attention_features.sum()
+    las.conv.sparse_backward = False
+    return ours(las, heads, x)
 
 
 def loops(las: LocalAttentionSystem, heads: Heads, x: Tensor) -> Tensor:

@@ -61,8 +61,12 @@ __all__ = [
     "histogram_baseline",
     "is_main",
     "load_training_data",
+    "plot_curves",
+    "read_back_interval",
     "restore",
+    "run_summary",
     "run_training",
+    "summary_table",
 ]
 
 FIXED_KEYS: tuple[str, ...] = (
@@ -227,9 +231,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if weights is not None and not Path(weights).expanduser().is_file():
         raise FileNotFoundError(f"--backbone-weights {weights!r}: no such file")
     device = resolve_device(args.device)
-    amp = args.amp
-    if amp is None:
-        amp = _default_amp(device)
     channels_last = args.channels_last
     if channels_last is None:
         channels_last = device.type == "cuda"
@@ -259,7 +260,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         device=str(device),
         workers=check_nonnegative_int(args.workers, "--workers"),
         progress=not args.no_progress,
-        amp=amp,
+        amp=args.amp or "off",
         compile=bool(args.compile),
         channels_last=bool(channels_last),
     )
@@ -267,6 +268,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ValueError(
             f"--images-per-id must be >= 2 (the triplet loss needs a positive pair), got {config.K}"
         )
+    if args.amp is None:  # last: the engine knows what this device supports
+        config = dataclasses.replace(config, amp=_default_amp(device))
     return config
 
 
@@ -480,6 +483,21 @@ def _evaluate(parts: TrainingParts, config: TrainConfig, device: torch.device) -
     return rank_metrics(result)
 
 
+def run_summary(state: dict[str, Any]) -> dict[str, Any]:
+    """The run's summary: the baselines of the demo and the last evaluated ``"trained"`` scores."""
+    summary = dict(state.get("summary", {}))
+    last = state["history"][-1] if state.get("history") else {}
+    if "mAP" in last:
+        summary["trained"] = {k: last[k] for k in ("mAP", "rank1", "rank5", "mINP")}
+    return summary
+
+
+def read_back_interval(device: torch.device) -> int:
+    """Batches between the engine's read-backs of the loss: 1 on the CPU, where reading costs
+    no device sync and a non-finite loss then stops the run at its own batch; 50 on a GPU."""
+    return 1 if device.type == "cpu" else 50
+
+
 def _format_entry(entry: dict[str, Any]) -> str:
     return "  ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()
@@ -551,8 +569,7 @@ def run_training(
             say(note)
         if run.finished:
             assert run.checkpoint is not None
-            summary: dict[str, Any] = run.checkpoint["state"].get("summary", {})
-            return summary
+            return run_summary(run.checkpoint["state"])
         torch.manual_seed(config.seed)
         data = load_training_data(config, say)
         parts = build_training(config, data, device)
@@ -576,12 +593,13 @@ def run_training(
                     parts.step,
                     parts.train_loader,
                     epoch=epoch,
+                    log_every=read_back_interval(device),
                     device=device,
                     progress=config.progress and is_main(),
                 )
             except NonFiniteLossError as err:
                 raise TrainingStopped(
-                    f"loss became {err.value} at epoch {epoch + 1}, batch {err.batch}; "
+                    f"loss became {err.value} at epoch {epoch + 1}, batch {err.batch + 1}; "
                     f"stopping. The last good checkpoint is kept at {run.path / 'last.pth'} "
                     "(continue with --resume, maybe with a lower --lr)"
                 ) from None
@@ -607,10 +625,7 @@ def run_training(
                 dist.barrier()
         elapsed = time.perf_counter() - start
 
-        summary = dict(state["summary"])
-        last = state["history"][-1] if state["history"] else {}
-        if "mAP" in last:
-            summary["trained"] = {k: last[k] for k in ("mAP", "rank1", "rank5", "mINP")}
+        summary = run_summary(state)
         if is_main():
             run.save_json("summary.json", summary)
             trained = config.epochs - run.start_epoch

@@ -5,7 +5,9 @@
 #   2. the wheel installs (--no-deps) into a fresh virtual environment that reuses this
 #      interpreter's torch (--system-site-packages), and every public name imports from it,
 #      with the version the wheel was built with;
-#   3. the documentation builds with `mkdocs build --strict`.
+#   3. the wheel's `lagnet` console script runs (`--version`, `train --help`, a refused start
+#      that prints one error line, exits 2 and writes nothing), as does `python -m lagnet`;
+#   4. the documentation builds with `mkdocs build --strict`.
 # Everything is written under a temporary folder that is removed on exit.
 # LAGNET_BUILD_NO_ISOLATION=1 builds with the installed setuptools instead of an isolated
 # build environment (for machines without access to the package index).
@@ -54,7 +56,8 @@ if not any(n.endswith("/lagnet/py.typed") for n in sdist_names):
     problems.append(f"{sdist} has no lagnet/py.typed")
 if "lagnet/py.typed" not in wheel_names:
     problems.append(f"{wheel} has no lagnet/py.typed")
-for mod in ("lagnet/__init__.py", "lagnet/export.py", "lagnet/viz.py", "lagnet/layers/__init__.py"):
+for mod in ("lagnet/__init__.py", "lagnet/__main__.py", "lagnet/cli/__init__.py", "lagnet/export.py",
+            "lagnet/viz.py", "lagnet/layers/__init__.py"):
     if mod not in wheel_names:
         problems.append(f"{wheel} has no {mod}")
 stray = [n for n in wheel_names if n.split("/")[0] in ("tests", "examples", "docs", "benchmarks")]
@@ -110,6 +113,26 @@ for module_name in (
 print(f"lagnet {lagnet.__version__} from {location.parent}: {count} public names import")
 PY
 )
+
+step "the lagnet console script of the installed wheel"
+LAGNET="$WORK/venv/bin/lagnet"
+[[ -x "$LAGNET" ]] || fail "the wheel installed no lagnet console script at $LAGNET"
+# run outside the checkout, so that the command cannot pick up the source tree
+version_line="$(cd "$WORK" && "$LAGNET" --version)" || fail "lagnet --version failed"
+[[ "$version_line" == "lagnet $WHEEL_VERSION" ]] \
+    || fail "lagnet --version printed '$version_line', expected 'lagnet $WHEEL_VERSION'"
+(cd "$WORK" && "$LAGNET" train --help >"$WORK/train-help.txt") || fail "lagnet train --help failed"
+grep -q -- "--resume" "$WORK/train-help.txt" || fail "lagnet train --help does not list --resume"
+(cd "$WORK" && "$VPY" -m lagnet --version >/dev/null) || fail "python -m lagnet --version failed"
+set +e
+(cd "$WORK" && "$LAGNET" train --epochs 0 --output "$WORK/never" 2>"$WORK/error.txt")
+status=$?
+set -e
+[[ $status -eq 2 ]] || fail "lagnet train --epochs 0 exited with $status, expected 2"
+[[ "$(cat "$WORK/error.txt")" == "lagnet: error: --epochs must be >= 1, got 0" ]] \
+    || fail "unexpected error output: $(cat "$WORK/error.txt")"
+[[ ! -e "$WORK/never" ]] || fail "a refused lagnet train left $WORK/never behind"
+echo "$version_line; lagnet train --help and a refused start work from the wheel"
 
 step "documentation: mkdocs build --strict"
 NO_MKDOCS_2_WARNING=1 "$PYTHON" -m mkdocs build --strict --site-dir "$WORK/site" >"$WORK/mkdocs.log" 2>&1 || {

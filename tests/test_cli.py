@@ -803,3 +803,78 @@ def test_engine_flags_and_their_defaults() -> None:
         "bf16", "bf16", True, True,
     )  # fmt: skip
     assert config_from_args(parser.parse_args(["--preset", "tiny", "--amp", "off"])).amp == "off"
+
+
+# --- lagnet index / lagnet search ------------------------------------------------------------
+
+
+def write_embeddings(path: Path, features: np.ndarray, names: list[str]) -> None:
+    np.savez(path, features=features.astype(np.float32), paths=np.array(names))
+
+
+def test_index_and_search_round_trip(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    gen = torch.Generator().manual_seed(0)
+    gallery = torch.nn.functional.normalize(torch.randn(40, 16, generator=gen), dim=1).numpy()
+    names = [f"cam{i % 3}/img{i:02d}.jpg" for i in range(40)]
+    write_embeddings(tmp_path / "gallery.npz", gallery, names)
+    write_embeddings(tmp_path / "queries.npz", gallery[[7, 31]], ["q7.jpg", "q31.jpg"])
+    index = tmp_path / "gallery.lagidx"
+    code, out, err = run_cli(capsys, "index", "--features", str(tmp_path / "gallery.npz"),
+                             "--output", str(index), "--kind", "flat")  # fmt: skip
+    assert code == 0, err
+    assert out == (f"wrote {index} (flat, 40 items of size 16) and {index}.paths.txt\n")
+    assert (tmp_path / "gallery.lagidx.paths.txt").read_text().splitlines() == names
+    code, out, err = run_cli(capsys, "search", "--index", str(index), "--queries",
+                             str(tmp_path / "queries.npz"), "--k", "3", "--json")  # fmt: skip
+    assert code == 0, err
+    results = json.loads(out)
+    assert [r["query"] for r in results] == ["q7.jpg", "q31.jpg"]
+    assert [r["results"][0]["path"] for r in results] == [names[7], names[31]]
+    assert all(len(r["results"]) == 3 for r in results)
+    assert results[0]["results"][0]["distance"] == pytest.approx(0.0, abs=1e-5)
+    # the same ranking as exact cosine search
+    expected = np.argsort(-(gallery[[7, 31]] @ gallery.T), axis=1, kind="stable")[:, :3]
+    assert [[h["path"] for h in r["results"]] for r in results] == [
+        [names[i] for i in row] for row in expected
+    ]
+    code, out, _ = run_cli(capsys, "search", "--index", str(index), "--queries",
+                           str(tmp_path / "queries.npz"), "--k", "1")  # fmt: skip
+    assert code == 0
+    assert out.splitlines()[:2] == ["q7.jpg", f"    1  {0.0:.4f}  {names[7]}"]
+
+
+def test_index_and_search_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    feats = np.eye(4, 8, dtype=np.float32)
+    write_embeddings(tmp_path / "g.npz", feats, ["a", "b", "c", "d"])
+    index = tmp_path / "g.lagidx"
+    assert main(["index", "--features", str(tmp_path / "g.npz"), "--output", str(index)]) == 0
+    capsys.readouterr()
+    before = index.read_bytes()
+    code, _, err = run_cli(capsys, "index", "--features", str(tmp_path / "g.npz"),
+                           "--output", str(index))  # fmt: skip
+    assert code == 2
+    one_error_line(err, f"{str(index)!r} exists; pass --overwrite to replace it")
+    assert index.read_bytes() == before
+    np.savez(tmp_path / "bad.npz", feats=feats)
+    code, _, err = run_cli(capsys, "index", "--features", str(tmp_path / "bad.npz"),
+                           "--output", str(tmp_path / "x.lagidx"))  # fmt: skip
+    one_error_line(
+        err,
+        f"--features {str(tmp_path / 'bad.npz')!r} has no features or paths array (it holds "
+        "feats); write it with lagnet embed",
+    )
+    write_embeddings(tmp_path / "q.npz", np.ones((1, 5)), ["q"])
+    code, _, err = run_cli(capsys, "search", "--index", str(index), "--queries",
+                           str(tmp_path / "q.npz"))  # fmt: skip
+    assert code == 2
+    assert (
+        err.startswith("lagnet: error: ") and "Traceback" not in err and len(err.splitlines()) == 1
+    )
+    assert "8" in err and "5" in err  # the index's size and the queries' size
+    (tmp_path / "g.lagidx.paths.txt").unlink()
+    code, _, err = run_cli(capsys, "search", "--index", str(index), "--queries",
+                           str(tmp_path / "g.npz"))  # fmt: skip
+    one_error_line(err, f"--index {str(index)!r}: its list of paths")
+    assert not (tmp_path / "x.lagidx").exists()

@@ -1,4 +1,4 @@
-"""The ``lagnet`` command: train, evaluate, export and embed without writing code.
+"""The ``lagnet`` command: train, evaluate, export, embed, index and search without code.
 
 User errors (bad arguments, missing files, bad data) print one line ``lagnet: error: ...`` on
 stderr and exit with status 2; ``--debug`` shows the traceback instead. A training run stopped
@@ -49,7 +49,7 @@ def _subparser(
 def build_parser() -> argparse.ArgumentParser:
     """The ``lagnet`` argument parser with its subcommands."""
     from lagnet import __version__
-    from lagnet.cli import embed, evaluate, export, train
+    from lagnet.cli import embed, evaluate, export, index, train
 
     parser = _Parser(
         prog="lagnet",
@@ -73,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
             "embeddings of every image under a folder, saved as .npz",
             embed.EXAMPLES,
             embed.add_command,
+        ),
+        (
+            "index",
+            "a faiss gallery index of lagnet embed output (lagnet[faiss] extra)",
+            index.INDEX_EXAMPLES,
+            index.add_index_command,
+        ),
+        (
+            "search",
+            "the nearest gallery images of each query in an index",
+            index.SEARCH_EXAMPLES,
+            index.add_search_command,
         ),
     ]
     for name, summary, examples, add in commands:

@@ -878,3 +878,49 @@ def test_index_and_search_errors(capsys: pytest.CaptureFixture[str], tmp_path: P
                            str(tmp_path / "g.npz"))  # fmt: skip
     one_error_line(err, f"--index {str(index)!r}: its list of paths")
     assert not (tmp_path / "x.lagidx").exists()
+
+
+def test_multi_line_errors_become_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                           weights: Path) -> None:  # fmt: skip
+    code, _, err = run_cli(capsys, "evaluate", "--weights", str(weights), "--dataset",
+                           "market1501", "--root", str(tmp_path))  # fmt: skip
+    assert code == 2
+    one_error_line(err, f"Market-1501: {str(tmp_path)!r} is missing 'bounding_box_train'")
+    assert "Expected layout: <root>/ (or <root>/Market-1501-v15.09.15/, as unzipped)" in err
+
+
+def test_no_scorable_query_is_an_error_naming_the_ids() -> None:
+    from types import SimpleNamespace
+
+    from lagnet.cli._common import describe_missing
+    from lagnet.data import ReIDRecord
+
+    query = [ReIDRecord("q1", 1, 0), ReIDRecord("q2", 2, 0)]
+    gallery = [ReIDRecord("g1", 1, 0), ReIDRecord("g3", 3, 1)]  # id 1 only in the same camera
+    data: Any = SimpleNamespace(name="toy", query=query, gallery=gallery)
+    with pytest.raises(
+        ValueError,
+        match=r"^toy: none of the 2 query identities has a gallery image from another camera "
+        r"\(1, 2\), so nothing can be evaluated",
+    ):
+        describe_missing(data)
+    data.gallery.append(ReIDRecord("g2", 2, 1))
+    assert describe_missing(data) == (
+        "toy: 1 of 2 query identities have no gallery image from another camera and are left "
+        "out of the scores: 1"
+    )
+    data.gallery.append(ReIDRecord("g1b", 1, 2))
+    assert describe_missing(data) is None
+
+
+def test_evaluate_with_rerank(
+    capsys: pytest.CaptureFixture[str], weights: Path, data_root: Path
+) -> None:
+    code, out, err = run_cli(
+        capsys, "evaluate", "--weights", str(weights), "--dataset", "synthetic",
+        "--root", str(data_root), "--json", "--rerank", "--no-flip",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["rerank"], report["flip"]) == (True, False)
+    assert 0.0 < report["mAP"] <= 1.0 and report["num_valid_queries"] == 16

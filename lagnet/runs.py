@@ -10,6 +10,7 @@ writes, once every argument is known to be good, so a failed start leaves no fol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -121,6 +122,14 @@ def _run_entries(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if not p.name.startswith(PREVIOUS_PREFIX))
 
 
+def _peek(path: Path) -> Any:
+    """A checkpoint memory-mapped (tensors are not read), for its small entries; None if bad."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a foreign or corrupt file: the caller describes it without its state
+        return None
+
+
 def _value(value: Any) -> str:
     return json.dumps(value)
 
@@ -215,10 +224,10 @@ class RunFolder:
         if not last.is_file():
             return f"files ({_show(entries)})"
         try:
-            ckpt = load_checkpoint(last, what="run checkpoint")
+            ckpt = _peek(last)
             done = int(ckpt["state"]["epoch"])
             total = int(ckpt["config"][epochs_key])
-        except (ValueError, KeyError, TypeError):
+        except (KeyError, TypeError):
             return f"a run ({_show(entries)})"
         status = "finished" if done >= total else "unfinished"
         return f"a run ({status}: {done} of {total} epochs done)"
@@ -273,11 +282,9 @@ class RunFolder:
         best = float(state.get(metric_key, float("-inf")))
         best_file = self.path / BEST_NAME
         if best_file.is_file():  # best.pth may be newer than last.pth after a crash
-            try:
-                other = load_checkpoint(best_file, what="best checkpoint")["state"][metric_key]
-                best = max(best, float(other))
-            except (ValueError, KeyError, TypeError):
-                pass
+            # a file that is not a run checkpoint leaves the recorded score as it is
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                best = max(best, float(_peek(best_file)["state"][metric_key]))
         return best
 
     def create(self, *, write_config: bool = True) -> None:

@@ -924,3 +924,25 @@ def test_evaluate_with_rerank(
     report = json.loads(out)
     assert (report["rerank"], report["flip"]) == (True, False)
     assert 0.0 < report["mAP"] <= 1.0 and report["num_valid_queries"] == 16
+
+
+def test_user_error_classifies_by_origin() -> None:
+    from lagnet.cli import user_error
+    from lagnet.runs import resolve_device
+
+    try:
+        resolve_device("cuda:x")
+    except ValueError as err:
+        assert user_error(err) == "--device 'cuda:x' is not a device; use cpu, cuda, cuda:1, ..."
+    try:
+        torch.zeros(2).view(3)
+    except RuntimeError as err:
+        assert user_error(err) is None  # not a user-error type
+    try:
+        int("x")
+    except ValueError as err:
+        assert user_error(err) is None  # raised outside lagnet: a bug
+    try:
+        import lagnet.no_such_module  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError as err:
+        assert user_error(err) is None  # lagnet itself broken, not a missing extra

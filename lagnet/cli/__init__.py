@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "user_error"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 _USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
@@ -106,6 +106,19 @@ def _raised_by_lagnet(err: BaseException) -> bool:
     return True
 
 
+def user_error(err: BaseException) -> str | None:
+    """The one-line message of a user error (bad arguments, files or data), or ``None``.
+
+    User errors are ``ValueError``, ``TypeError``, ``OSError`` and ``ImportError`` (a missing
+    optional extra) raised by lagnet's own checks; anything else is a bug.
+    """
+    if not isinstance(err, _USER_ERRORS) or not _raised_by_lagnet(err):
+        return None
+    if (getattr(err, "name", None) or "").startswith("lagnet"):  # lagnet itself is broken
+        return None
+    return _one_line(err)
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
@@ -139,9 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail("interrupted")
         return 130
     except _USER_ERRORS as err:
-        missing_module = getattr(err, "name", None) or ""
-        if debug or not _raised_by_lagnet(err) or missing_module.startswith("lagnet"):
+        message = user_error(err)
+        if debug or message is None:
             raise
-        _fail(_one_line(err))
+        _fail(message)
         return 2
     return code

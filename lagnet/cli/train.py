@@ -59,9 +59,11 @@ __all__ = [
     "checkpoint_of",
     "config_from_args",
     "histogram_baseline",
+    "init_distributed",
     "is_main",
     "load_training_data",
     "plot_curves",
+    "rank_metrics",
     "read_back_interval",
     "restore",
     "run_summary",
@@ -514,7 +516,8 @@ def summary_table(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _init_distributed(config: TrainConfig) -> torch.device:
+def init_distributed(config: TrainConfig) -> torch.device:
+    """Join the process group when started by torchrun; returns this process's device."""
     device = torch.device(config.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -556,7 +559,7 @@ def run_training(
         if is_main():
             log(message)
 
-    device = _init_distributed(config)
+    device = init_distributed(config)
     try:
         run = RunFolder.open(
             config.output,

@@ -372,3 +372,20 @@ def test_multi_granularity_head_compiles_fullgraph_eval() -> None:
     with torch.no_grad():
         for a, b in zip(compiled(x), head(x), strict=True):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", ["max+avg", "max", "avg", "max+max"])
+def test_pooling_trains_under_cpu_bf16_autocast_and_compiles(mode: str) -> None:
+    x = torch.randn(3, 4, 7, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = stripe_pool(x, 3, mode) + global_pool(x, mode)[:, :, None]  # type: ignore[arg-type]
+        loss = out.float().square().sum()
+    loss.backward()
+    assert torch.isfinite(loss) and x.grad is not None and x.grad.dtype == torch.float32
+    y = x.detach().clone().requires_grad_()
+    compiled = torch.compile(StripePool(3, mode), fullgraph=True)  # type: ignore[arg-type]
+    compiled(y).square().sum().backward()
+    z = x.detach().clone().requires_grad_()
+    stripe_pool(z, 3, mode).square().sum().backward()  # type: ignore[arg-type]
+    assert y.grad is not None and z.grad is not None
+    torch.testing.assert_close(y.grad, z.grad)

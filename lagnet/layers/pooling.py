@@ -2,9 +2,9 @@
 
 Stripes follow adaptive pooling's windows: stripe ``i`` of ``S`` covers rows
 ``floor(i*H/S)`` to ``ceil((i+1)*H/S)`` (exclusive), so stripes overlap when ``S`` does not
-divide ``H``. The max is computed from those static windows (a reshape when ``S`` divides ``H``,
-slices otherwise), which gives exactly ``adaptive_max_pool2d``'s values and exports to ONNX for
-every ``H``; the average is ``adaptive_avg_pool2d`` itself.
+divide ``H``. The max is computed from those static windows (row maxima, then a reshape when
+``S`` divides ``H`` or static slices otherwise), which gives exactly ``adaptive_max_pool2d``'s
+values and exports to ONNX for every ``H``; the average is ``adaptive_avg_pool2d`` itself.
 """
 
 from __future__ import annotations
@@ -56,10 +56,13 @@ def stripe_windows(height: int, num_stripes: int) -> list[tuple[int, int]]:
 
 
 def _stripe_max(x: Tensor, s: int) -> Tensor:
-    b, c, h, w = x.shape
+    # Row maxima first, then the max over each stripe's rows. (Reducing a channels-last slice
+    # over both spatial dims at once gets NaN gradients from inductor in torch 2.14.)
+    rows = x.amax(dim=3)  # (B, C, H)
+    b, c, h = rows.shape
     if h % s == 0:
-        return x.reshape(b, c, s, (h // s) * w).amax(dim=3)
-    return torch.stack([x[:, :, lo:hi].amax(dim=(2, 3)) for lo, hi in stripe_windows(h, s)], 2)
+        return rows.reshape(b, c, s, h // s).amax(dim=3)
+    return torch.stack([rows[:, :, lo:hi].amax(dim=2) for lo, hi in stripe_windows(h, s)], dim=2)
 
 
 def stripe_pool(x: Tensor, num_stripes: int, mode: PoolMode = "max+avg") -> Tensor:

@@ -48,6 +48,7 @@ __all__ = [
     "attention_part_pool",
     "batch_attention_drop_block",
     "global_pool",
+    "local_attention_pool",
     "local_attention_system",
     "select_attention_maps",
     "signed_sqrt_l2",

@@ -175,7 +175,7 @@ class LocalAttentionSystem(nn.Module):
 
     Shapes: ``forward((B, C, H, W)) -> LocalAttentionOutput`` with ``part_features (B, C, K)``,
     ``attention_maps (B, K, H, W)``, ``attention_features (B, K*C)``, ``global_feature (B, C)``.
-    The input must have the parameters' dtype (any float dtype under autocast works).
+    The input must have the parameters' dtype (under autocast: float32 or the autocast dtype).
     """
 
     def __init__(

@@ -104,7 +104,7 @@ class EmbeddingHead(nn.Module):
 
     Shapes: ``(B, C)`` or ``(B, C, 1, 1)`` -> ``HeadOutput(feature (B, D), logits (B, N))``.
     Training needs ``B >= 2`` (batch norm statistics); the input must have the parameters'
-    dtype (any float dtype under autocast works).
+    dtype (under autocast: float32 or the autocast dtype).
     """
 
     def __init__(

@@ -386,3 +386,27 @@ def test_cuda_train_one_epoch_and_evaluate() -> None:
         tiny, q_loader, g_loader, amp="bf16" if torch.cuda.is_bf16_supported() else "fp16"
     )
     assert half.mAP == pytest.approx(on_cpu.mAP, abs=0.05)
+
+
+def test_bench_gpu_cpu_smoke_runs() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--cpu-smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("CPU (smoke), torch ")
+    rows = {line[:18].strip(): line[18:].split() for line in lines[2:]}
+    assert list(rows) == ["eager fp32", "eager bf16+CL", "compiled bf16+CL"]
+    assert rows["eager fp32"][1] == "1.00" and rows["eager fp32"][-1] == "(ref)"
+    for name in ("eager bf16+CL", "compiled bf16+CL"):
+        assert float(rows[name][0]) > 0 and float(rows[name][2]) > 0
+        assert 0.99 < float(rows[name][-1]) <= 1.0  # cosine to float32, same weights

@@ -369,3 +369,14 @@ def test_errors() -> None:
 
 def test_extra_repr() -> None:
     assert "in_channels=8, num_attentions=2" in repr(LocalAttentionSystem(8, 2))
+
+
+def test_under_autocast_float32_and_the_autocast_dtype_are_accepted() -> None:
+    las = LocalAttentionSystem(8, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(2, 8, 4, 3, dtype=dtype, requires_grad=True)
+            las(x).attention_features.float().sum().backward()
+            assert x.grad is not None and x.grad.dtype == dtype
+        with pytest.raises(TypeError, match="x has dtype torch.float64 but the parameters"):
+            las(torch.randn(2, 8, 4, 3, dtype=torch.float64))

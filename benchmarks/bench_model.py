@@ -1,7 +1,7 @@
 """Training-step and eval throughput (images/s) of build_lagnet() at 384x128.
 
-CPU always; CUDA too when present (AMP + channels_last there). Prints one line per setting and
-the eval/training ratio measured in the same run.
+CPU always; CUDA too when present (the engine's default AMP, bf16 or fp16, + channels_last
+there). Prints one line per setting and the eval/training ratio measured in the same run.
 
     python benchmarks/bench_model.py [--backbone resnet50] [--batch 32] [--steps 3]
 """
@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Literal
 
 import torch
 
 from lagnet import LAGNetLoss, build_lagnet
+from lagnet.engine import AmpMode, TrainStep, default_amp
+from lagnet.evaluation.extract import autocast
 
 
 def sync(device: torch.device) -> None:
@@ -35,46 +38,45 @@ def training_rate(
     lr: float = 2e-4,
     steps: int = 3,
     eval_too: bool = False,
+    amp: AmpMode | Literal["default"] | None = "default",
+    compile: bool = False,
 ) -> tuple[float, float]:
-    """Best images/s of full training steps (and of eval forwards when ``eval_too``)."""
+    """Best images/s of full :class:`~lagnet.engine.TrainStep` steps (and of eval forwards
+    when ``eval_too``). ``amp="default"``: :func:`~lagnet.engine.default_amp` of the device;
+    channels_last on CUDA."""
     torch.manual_seed(0)
     cuda = device.type == "cuda"
+    precision = default_amp(device) if amp == "default" else amp
     model = build_lagnet(
         num_classes, backbone=backbone, variant=variant, num_attentions=num_attentions
-    ).to(device)  # type: ignore[arg-type]
-    fmt = torch.channels_last if cuda else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    ).to(device)
     loss_fn = LAGNetLoss(num_classes, model.attention_dim).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, amsgrad=True, fused=True)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, amsgrad=True, fused=cuda)
+    step = TrainStep(model, loss_fn, opt, amp=precision, channels_last=cuda, compile=compile)
+    fmt = torch.channels_last if cuda else torch.contiguous_format
     batch = P * K
     x = torch.randn(batch, 3, height, width, device=device).contiguous(memory_format=fmt)
     labels = torch.arange(P, device=device).repeat_interleave(K)
 
     def train_step() -> None:
-        with torch.autocast(device.type, enabled=cuda):
-            loss, _ = loss_fn(model.forward_train(x), labels)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        step(x, labels)
 
     def eval_step() -> None:
-        with torch.inference_mode(), torch.autocast(device.type, enabled=cuda):
+        with torch.inference_mode(), autocast(device, precision):
             model.embed(x)
 
     rates = []
-    for mode, step in (("train", train_step), ("eval", eval_step)):
+    for mode, fn in (("train", train_step), ("eval", eval_step)):
         if mode == "eval" and not eval_too:
             rates.append(float("nan"))
             break
         model.train(mode == "train")
-        step()  # warm-up
+        fn()  # warm-up (and compilation)
         sync(device)
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            step()
+            fn()
             sync(device)
             times.append(time.perf_counter() - start)
         rates.append(batch / min(times))

@@ -1,17 +1,21 @@
 """Images/s of the data pipeline alone and of full training steps.
 
-Two configurations: the demo preset of ``examples/train.py`` (ResNet-18 trunk, small input)
-and the paper's ResNet-50 at 384x128; CPU, plus CUDA when present. The data pipeline is the
+Two configurations: the demo preset of ``lagnet train`` (ResNet-18 trunk, small input) and
+the paper's ResNet-50 at 384x128; CPU, plus CUDA when present. The data pipeline is the
 synthetic Market-format dataset read from disk through ``ImageDataset`` + the training
 transforms + ``PKSampler`` (the demo's loader). The pipeline must outpace training.
 
     python benchmarks/bench_train.py [--root DIR] [--batches 10] [--steps 3]
+    python benchmarks/bench_train.py --compare-compile   # eager vs torch.compile'd step (float32)
+
+``--compare-compile`` times the demo preset's float32 :class:`~lagnet.engine.TrainStep` eager
+and with ``compile=True`` (inductor) on each device, with the compilation time, so the default
+(compile off on the CPU) can be checked against this machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import tempfile
 import time
 from pathlib import Path
@@ -28,16 +32,11 @@ from lagnet.data import (
     build_transforms,
     generate_synthetic_market,
 )
-
-TRAIN = Path(__file__).resolve().parents[1] / "examples" / "train.py"
+from lagnet.presets import PRESETS
 
 
 def presets() -> dict[str, dict[str, Any]]:
-    spec = importlib.util.spec_from_file_location("lagnet_example_train", TRAIN)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.PRESETS  # type: ignore[no-any-return]
+    return PRESETS
 
 
 def pipeline_rate(root: Path, cfg: dict[str, Any], batches: int, workers: int) -> float:
@@ -61,6 +60,27 @@ def pipeline_rate(root: Path, cfg: dict[str, Any], batches: int, workers: int) -
     return n / (time.perf_counter() - start)
 
 
+def compare_compile(cfg: dict[str, Any], steps: int) -> None:
+    """Float32 training img/s of the eager and the compiled step, and the compile time."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    shape = dict(backbone=cfg["backbone"], height=cfg["height"], width=cfg["width"])
+    print(f"demo preset {shape}, batch {cfg['P']}x{cfg['K']}, {torch.get_num_threads()} threads")
+    for device in devices:
+        rates = {}
+        for compile in (False, True):
+            start = time.perf_counter()
+            rates[compile], _ = training_rate(
+                device, **shape, P=cfg["P"], K=cfg["K"], num_attentions=cfg["num_attentions"],
+                num_classes=100, lr=cfg["lr"], steps=steps, amp=None, compile=compile,
+            )  # fmt: skip
+            total = time.perf_counter() - start
+            print(
+                f"  {device.type} {'compiled' if compile else 'eager   '} fp32: "
+                f"{rates[compile]:7.1f} img/s (whole run incl. warm-up/compile {total:.0f} s)"
+            )
+        print(f"  {device.type} compiled / eager: {rates[True] / rates[False]:.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", help="synthetic dataset folder (generated if missing)")
@@ -68,7 +88,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--skip-resnet50", action="store_true")
+    p.add_argument("--compare-compile", action="store_true", help="eager vs compiled step only")
     args = p.parse_args()
+    if args.compare_compile:
+        compare_compile(presets()["demo"], args.steps)
+        return
     root = Path(args.root or Path(tempfile.gettempdir()) / "lagnet-bench-synthetic")
     generate_synthetic_market(root)
     all_presets = presets()

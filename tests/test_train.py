@@ -1,4 +1,4 @@
-"""The reference training loop (examples/train.py) in its tiny preset."""
+"""examples/train.py in its tiny preset: the run, exact resume, NaN stop, DDP, refusals."""
 
 from __future__ import annotations
 
@@ -116,8 +116,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
         return total * float("nan"), parts
 
     monkeypatch.setattr(LAGNetLoss, "forward", broken)
-    with pytest.raises(SystemExit, match="loss became nan at epoch 2; stopping.*last.pth"):
+    with pytest.raises(SystemExit) as info:
         train.main(tiny(out, data_root, "--epochs", "2", "--resume"))
+    assert info.value.code == (
+        f"loss became nan at epoch 2, batch 1; stopping. The last good checkpoint is kept at "
+        f"{out / 'last.pth'} (continue with --resume, maybe with a lower --lr)"
+    )
     kept = load_checkpoint(out / "last.pth")
     assert kept["state"]["epoch"] == 1
     for key in good["model"]:
@@ -187,3 +191,41 @@ def test_save_json_is_atomic_and_checked(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
     with pytest.raises(FileNotFoundError, match="folder does not exist"):
         save_json({}, tmp_path / "no" / "x.json")
+
+
+def test_rerun_without_resume_is_refused_and_changes_nothing(
+    train: ModuleType, data_root: Path, two_epochs: tuple[Path, dict[str, Any]]
+) -> None:
+    from lagnet.runs import RunFolderError
+
+    out, _ = two_epochs
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(RunFolderError, match=r"already holds a run \(finished: 2 of 2 epochs"):
+        train.main(tiny(out, data_root, "--epochs", "2"))
+    with pytest.raises(RunFolderError, match=r"was started with other settings \(variant"):
+        train.main(tiny(out, data_root, "--epochs", "3", "--resume", "--variant", "reference"))
+    assert train.main(tiny(out, data_root, "--epochs", "1", "--resume")) == json.loads(
+        before["summary.json"]
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_bad_arguments_fail_before_any_work(train: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"^--eval-every must be >= 1, got 0$"):
+        train.main(["--preset", "tiny", "--output", str(out), "--eval-every", "0"])
+    with pytest.raises(SystemExit):  # argparse: not an int
+        train.main(["--preset", "tiny", "--output", str(out), "--epochs", "two"])
+    assert not out.exists()
+
+
+def test_example_is_short() -> None:
+    assert len(TRAIN.read_text().splitlines()) <= 200
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(TRAIN), "--workers", "-1", "--output", str(tmp_path / "r")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr == "train.py: error: --workers must be >= 0, got -1\n"
+    assert not (tmp_path / "r").exists()

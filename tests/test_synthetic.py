@@ -171,6 +171,35 @@ def test_invalid_parameters() -> None:
     assert not Path("unused").exists()
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"num_train_ids": 1.5}, TypeError, r"^num_train_ids must be an int, got float \(1.5\)$"),
+        ({"num_cameras": "4"}, TypeError, r"^num_cameras must be an int, got str \('4'\)$"),
+        ({"height": True}, TypeError, r"^height must be an int, got bool \(True\)$"),
+        ({"num_test_ids": 0}, ValueError, r"^num_test_ids must be >= 1, got 0$"),
+        ({"num_junk": -1}, ValueError, r"^num_junk must be >= 0, got -1$"),
+        ({"seed": -3}, ValueError, r"^seed must be >= 0, got -3$"),
+    ],
+)
+def test_parameter_types_are_checked_before_writing(
+    tmp_path: Path, kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        generate_synthetic_market(tmp_path / "never", **kwargs)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_histogram_bins_are_checked() -> None:
+    red = Image.new("RGB", (8, 8), (255, 0, 0))
+    with pytest.raises(TypeError, match=r"^bins must be an int, got float \(8.0\)$"):
+        color_histogram_features([red], bins=8.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^bins must be >= 1, got 0$"):
+        color_histogram_features([red], bins=0)
+    with pytest.raises(ValueError, match=r"^bins must be in 1..256, got 300$"):
+        color_histogram_features([red], bins=300)
+
+
 def test_colour_histogram_features(tmp_path: Path) -> None:
     red = Image.new("RGB", (8, 8), (255, 0, 0))
     half = Image.new("RGB", (8, 8), (255, 0, 0))

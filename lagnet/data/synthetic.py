@@ -28,6 +28,7 @@ import numpy.typing as npt
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from lagnet._validation import check_nonnegative_int, check_positive_int
 from lagnet.data.datasets import ReIDRecord, read_image
 
 __all__ = ["MANIFEST_NAME", "color_histogram_features", "generate_synthetic_market"]
@@ -564,6 +565,11 @@ def generate_synthetic_market(
 
 
 def _check(p: _Params) -> None:
+    for name in ("num_train_ids", "num_test_ids", "images_per_id_per_cam", "num_cameras",
+                 "height", "width"):  # fmt: skip
+        check_positive_int(getattr(p, name), name)
+    for name in ("seed", "num_distractors", "num_junk"):
+        check_nonnegative_int(getattr(p, name), name)
     if p.num_train_ids < 1 or p.num_test_ids < 1:
         raise ValueError("num_train_ids and num_test_ids must be at least 1")
     if p.num_train_ids + p.num_test_ids > 9999:
@@ -592,7 +598,8 @@ def color_histogram_features(
     """
     if space not in ("hsv", "rgb"):
         raise ValueError(f"space must be 'hsv' or 'rgb', got {space!r}")
-    if not 1 <= bins <= 256:
+    check_positive_int(bins, "bins")
+    if bins > 256:
         raise ValueError(f"bins must be in 1..256, got {bins}")
     out = np.zeros((len(images), bins**3), dtype=np.float32)
     for i, item in enumerate(images):

@@ -255,3 +255,23 @@ def test_bad_build_input(kwargs: dict[str, Any], error: type[Exception], pattern
     args.update(kwargs)
     with pytest.raises(error, match=pattern):
         GalleryIndex.build(args.pop("embeddings"), **args)
+
+
+def test_refine_recovers_recall() -> None:
+    """Re-ranking PQ candidates with exact vectors ("flat") finds the exact neighbours."""
+    gallery, _ = clustered(3000, 32, 12)
+    queries, _ = clustered(40, 32, 13)
+    exact = exact_neighbours(queries, gallery, 5, "cosine")
+    options: dict[str, Any] = {"kind": "ivfpq", "pq_m": 4, "pq_bits": 4, "nlist": 8, "nprobe": 8}
+    coarse = GalleryIndex.build(gallery, **options)
+    refined = GalleryIndex.build(gallery, refine="flat", k_factor=50, **options)
+    assert refined.metadata["factory"] == "IVF8,PQ4x4fs,RFlat"
+
+    def overlap(index: GalleryIndex) -> float:
+        found = index.search(queries, 5)[1]
+        return float(
+            np.mean([np.intersect1d(a, b).size / 5 for a, b in zip(found, exact, strict=True)])
+        )
+
+    assert overlap(refined) == 1.0
+    assert overlap(coarse) < 0.9

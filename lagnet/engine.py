@@ -138,7 +138,7 @@ class TrainStep:
             ``torch.compile(fullgraph=True, dynamic=False)``; backward is compiled with it.
             Shapes are static, so give it full batches (``drop_last=True``, as the PK loaders
             do): another batch size compiles again. Off by default: on the CPU the compiled
-            step is slower than eager (see ``docs/training.md``).
+            step is hardly faster than eager and takes minutes to compile (``docs/training.md``).
         compile_options: more ``torch.compile`` keywords, e.g. ``{"mode": "max-autotune"}``
             or ``{"backend": "aot_eager"}``.
 

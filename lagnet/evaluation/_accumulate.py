@@ -160,7 +160,7 @@ class RankAccumulator:
         return self.backend == "torch" or (self.backend == "auto" and dist.device.type != "cpu")
 
     def _ranks_torch(self, block: torch.Tensor, lo: int, hi: int) -> BlockRanks:
-        if torch.isnan(block).any() if block.is_floating_point() else False:
+        if block.is_floating_point() and bool(torch.isnan(block).any()):
             row, col = torch.isnan(block).nonzero()[0].tolist()
             raise ValueError(first_nan_message(lo + row, col))
         device = block.device

@@ -50,6 +50,18 @@ def test_default_amp_on_this_machine() -> None:
         assert default_amp("cuda") is None
 
 
+@pytest.mark.parametrize(
+    ("capability", "expected"), [((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")]
+)
+def test_default_amp_follows_the_gpu_generation(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], expected: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert default_amp("cuda:0") == expected
+    assert default_amp("cpu") is None
+
+
 def test_step_is_forward_loss_zero_grad_backward_step() -> None:
     model, criterion, step = make_step(lr=0.0)
     twin, twin_criterion = copy.deepcopy(model), copy.deepcopy(criterion)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lagnet.evaluation import re_ranking
+from lagnet.evaluation.rerank import re_ranking_on_device
 
 
 def dense_re_ranking(
@@ -190,3 +191,52 @@ def test_cuda_tensors() -> None:
     got = re_ranking(q_g_t, q_q_t, g_g_t, k1=5, k2=3)
     assert got.device.type == "cuda"
     np.testing.assert_allclose(got.cpu().numpy(), expected, rtol=0, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    nq=st.integers(1, 8),
+    ng=st.integers(2, 30),
+    seed=st.integers(0, 2**31),
+    ties=st.booleans(),
+    data=st.data(),
+)
+def test_torch_path_equals_numpy_path(
+    nq: int, ng: int, seed: int, ties: bool, data: st.DataObject
+) -> None:
+    """The device path (torch neighbour search on the dense matrices), run on CPU tensors,
+    gives the NumPy path's numbers, ties and non-symmetric blocks included."""
+    k1 = data.draw(st.integers(1, ng), label="k1")
+    k2 = data.draw(st.integers(1, min(8, nq + ng)), label="k2")
+    lam = data.draw(st.sampled_from([0.0, 0.3, 1.0]), label="lambda")
+    rng = np.random.default_rng(seed)
+    mats = [rng.random(shape) for shape in ((nq, ng), (nq, nq), (ng, ng))]
+    if ties:
+        mats = [np.round(m * 3) for m in mats]
+        mats = [np.where(m == 0, 1.0, m) for m in mats]  # no all-zero column
+    q_g, q_q, g_g = (m.astype(np.float32) for m in mats)
+    expected = re_ranking(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lam)
+    tensors = [torch.from_numpy(m) for m in (q_g, q_q, g_g)]
+    got = re_ranking_on_device(*tensors, k1=k1, k2=k2, lambda_value=lam)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_torch_path_larger_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    q_g, q_q, g_g = (m.astype(np.float32) for m in symmetric_problem(40, 150, 5, 3))
+    expected = re_ranking(q_g, q_q, g_g)
+    monkeypatch.setattr("lagnet.evaluation._shared.BLOCK_ELEMENTS", 1000)  # blocks across Q/G
+    tensors = [torch.from_numpy(m) for m in (q_g, q_q, g_g)]
+    got = re_ranking_on_device(*tensors, k1=20, k2=6, lambda_value=0.3)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_stay_on_the_device() -> None:
+    q_g, q_q, g_g = (m.astype(np.float32) for m in symmetric_problem(30, 200, 4, 6))
+    expected = re_ranking(q_g, q_q, g_g)
+    got = re_ranking(*(torch.from_numpy(m).cuda() for m in (q_g, q_q, g_g)))
+    assert got.device.type == "cuda"
+    np.testing.assert_allclose(got.cpu().numpy(), expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="q_g_dist contains negative distances"):
+        re_ranking(*(torch.from_numpy(m).cuda() for m in (-q_g, q_q, g_g)))

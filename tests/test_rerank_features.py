@@ -17,7 +17,7 @@ from lagnet.evaluation import (
     re_ranking,
     re_ranking_features,
 )
-from lagnet.evaluation.rerank_features import _smallest_stable
+from lagnet.evaluation._kreciprocal_torch import smallest_stable
 
 Metric = Literal["euclidean", "sqeuclidean", "cosine"]
 
@@ -125,11 +125,11 @@ def test_top_k() -> None:
 
 def test_smallest_stable_breaks_ties_by_index() -> None:
     values = torch.tensor([[3.0, 1.0, 2.0, 1.0, 1.0, 0.0], [5.0, 5.0, 5.0, 5.0, 5.0, 5.0]])
-    assert _smallest_stable(values, 3).tolist() == [[5, 1, 3], [0, 1, 2]]
+    assert smallest_stable(values, 3).tolist() == [[5, 1, 3], [0, 1, 2]]
     g = torch.Generator().manual_seed(0)
     ties = torch.randint(0, 5, (50, 200), generator=g).float()
     expected = torch.sort(ties, dim=1, stable=True).indices[:, :21]
-    assert torch.equal(_smallest_stable(ties, 21), expected)
+    assert torch.equal(smallest_stable(ties, 21), expected)
 
 
 def test_evaluate_features_rerank_equals_dense_evaluation() -> None:

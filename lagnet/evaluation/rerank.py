@@ -20,8 +20,9 @@ from ._kreciprocal import (
     query_expansion,
     sq32,
 )
+from ._kreciprocal_torch import MatrixDistances, TorchReRanker
 
-__all__ = ["re_ranking"]
+__all__ = ["re_ranking", "re_ranking_on_device"]
 
 DistT = TypeVar("DistT", npt.NDArray[Any], torch.Tensor)
 
@@ -49,16 +50,33 @@ def _to_numpy(x: object, name: str) -> npt.NDArray[Any]:
     return arr
 
 
-def _check_values(arr: npt.NDArray[Any], name: str) -> None:
+def _as_device_tensor(x: object, name: str) -> torch.Tensor:
+    """``x`` as a 2-D float tensor on its device (half precision widened to float32, integers
+    to float64, as the NumPy path does)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{name} must be real-valued, got dtype {x.dtype}")
+    t = x.detach()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    elif not t.is_floating_point():
+        t = t.double()
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_values(arr: npt.NDArray[Any] | torch.Tensor, name: str) -> None:
     """Refuse NaN, infinite and negative distances (similarities passed by mistake)."""
-    if arr.size == 0:
+    if arr.size == 0 if isinstance(arr, np.ndarray) else arr.numel() == 0:
         return
-    low, high = arr.min(), arr.max()
+    low, high = float(arr.min()), float(arr.max())
     if not (np.isfinite(low) and np.isfinite(high)):
         raise ValueError(f"{name} contains NaN or infinite distances")
-    if low < -NEGATIVE_TOLERANCE * max(1.0, float(abs(high))):
+    if low < -NEGATIVE_TOLERANCE * max(1.0, abs(high)):
         raise ValueError(
-            f"{name} contains negative distances (min {float(low):.6g}): re_ranking expects "
+            f"{name} contains negative distances (min {low:.6g}): re_ranking expects "
             "distances (smaller is more similar), not similarities; pass 1 - similarity or "
             "a distance from pairwise_distance"
         )
@@ -172,6 +190,53 @@ class _Combined:
         return nearest
 
 
+def _check_inputs(
+    q_g: npt.NDArray[Any] | torch.Tensor,
+    q_q: npt.NDArray[Any] | torch.Tensor,
+    g_g: npt.NDArray[Any] | torch.Tensor,
+    k1: object,
+    k2: object,
+    lambda_value: object,
+) -> tuple[int, int, float]:
+    """Check the shapes and values of the three matrices and the parameters."""
+    nq, ng = q_g.shape
+    if nq == 0:
+        raise ValueError(f"empty query set: q_g_dist has shape {tuple(q_g.shape)}")
+    if ng == 0:
+        raise ValueError(f"empty gallery: q_g_dist has shape {tuple(q_g.shape)}")
+    if tuple(q_q.shape) != (nq, nq):
+        raise ValueError(
+            f"q_q_dist has shape {tuple(q_q.shape)}, expected {(nq, nq)} from q_g_dist"
+        )
+    if tuple(g_g.shape) != (ng, ng):
+        raise ValueError(
+            f"g_g_dist has shape {tuple(g_g.shape)}, expected {(ng, ng)} from q_g_dist"
+        )
+    params = check_rerank_params(k1, k2, lambda_value, nq, ng)
+    for arr, name in ((q_g, "q_g_dist"), (q_q, "q_q_dist"), (g_g, "g_g_dist")):
+        _check_values(arr, name)
+    return params
+
+
+def re_ranking_on_device(
+    q_g: torch.Tensor,
+    q_q: torch.Tensor,
+    g_g: torch.Tensor,
+    *,
+    k1: int,
+    k2: int,
+    lambda_value: float,
+) -> torch.Tensor:
+    """:func:`re_ranking` of validated float tensors with torch, on their device: the
+    neighbour search and the final distances stay there, the sparse steps run on the host."""
+    with torch.no_grad():
+        source = MatrixDistances(q_g, q_q, g_g)
+        reranker = TorchReRanker(source, k1=k1, k2=k2, lambda_value=lambda_value)
+        nq = q_g.shape[0]
+        step = max(1, _shared.BLOCK_ELEMENTS // max(1, q_g.shape[1]))
+        return torch.cat([reranker.rows(s, min(nq, s + step)) for s in range(0, nq, step)])
+
+
 def re_ranking(
     q_g_dist: DistT,
     q_q_dist: DistT,
@@ -211,24 +276,23 @@ def re_ranking(
 
     Returns:
         ``(Q, G)`` float32 re-ranked distances: a NumPy array, or a tensor on ``q_g_dist``'s
-        device when ``q_g_dist`` is a tensor.
+        device when ``q_g_dist`` is a tensor. CUDA tensors are re-ranked on their device (the
+        neighbour search and the final distances; the sparse steps run on the host).
     """
+    if isinstance(q_g_dist, torch.Tensor) and q_g_dist.device.type != "cpu":
+        tensors = (
+            _as_device_tensor(q_g_dist, "q_g_dist"),
+            _as_device_tensor(q_q_dist, "q_q_dist"),
+            _as_device_tensor(g_g_dist, "g_g_dist"),
+        )
+        k1, k2, lambda_value = _check_inputs(*tensors, k1, k2, lambda_value)
+        result = re_ranking_on_device(*tensors, k1=k1, k2=k2, lambda_value=lambda_value)
+        return result
     q_g = _to_numpy(q_g_dist, "q_g_dist")
     q_q = _to_numpy(q_q_dist, "q_q_dist")
     g_g = _to_numpy(g_g_dist, "g_g_dist")
+    k1, k2, lambda_value = _check_inputs(q_g, q_q, g_g, k1, k2, lambda_value)
     nq, ng = q_g.shape
-    if nq == 0:
-        raise ValueError(f"empty query set: q_g_dist has shape {q_g.shape}")
-    if ng == 0:
-        raise ValueError(f"empty gallery: q_g_dist has shape {q_g.shape}")
-    if q_q.shape != (nq, nq):
-        raise ValueError(f"q_q_dist has shape {q_q.shape}, expected {(nq, nq)} from q_g_dist")
-    if g_g.shape != (ng, ng):
-        raise ValueError(f"g_g_dist has shape {g_g.shape}, expected {(ng, ng)} from q_g_dist")
-    k1, k2, lambda_value = check_rerank_params(k1, k2, lambda_value, nq, ng)
-    for arr, name in ((q_g, "q_g_dist"), (q_q, "q_q_dist"), (g_g, "g_g_dist")):
-        _check_values(arr, name)
-
     combined = _Combined(q_g, q_q, g_g)
     nearest = combined.nearest(max(k1 + 1, k2))
     rows, cols = expanded_sets(nearest, k1)

@@ -327,6 +327,22 @@ def test_data_dependent_control_flow_gets_a_lagnet_error(tmp_path: Path) -> None
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("mode", ["max+avg", "max"])
+def test_stripe_pool_alone_exports_to_onnx_for_a_height_it_does_not_divide(
+    mode: str, tmp_path: Path
+) -> None:
+    from lagnet.layers import StripePool
+
+    model = torch.nn.Sequential(StripePool(3, mode), torch.nn.Flatten()).eval()  # type: ignore[arg-type]
+    path = to_onnx(model, tmp_path / "stripes.onnx", input_size=(35, 33))  # 35 rows, 3 stripes
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = torch.randn(4, 3, 35, 33)
+    (got,) = session.run(None, {INPUT_NAME: images.numpy()})
+    with torch.no_grad():
+        expected = model(images)
+    assert_close_to_scale(got, expected, relative=1e-6)
+
+
 def test_export_module_compute_dtype_is_checked() -> None:
     with pytest.raises(TypeError, match="compute_dtype must be a floating-point torch.dtype"):
         EmbeddingExportModule(TinyEmbedder(), compute_dtype=torch.int8)

@@ -1,4 +1,4 @@
-"""Image transform presets of the LAG-Net training recipe (REFERENCE.md, section 7)."""
+"""Image transform presets of the LAG-Net training recipe (docs/reference-code.md, section 7)."""
 
 from __future__ import annotations
 

@@ -76,7 +76,6 @@ _MOVED: dict[str, str] = {
             "attention_part_pool",
             "batch_attention_drop_block",
             "global_pool",
-            "local_attention_pool",
             "select_attention_maps",
             "signed_sqrt_l2",
             "stripe_pool",
@@ -84,23 +83,32 @@ _MOVED: dict[str, str] = {
         "lagnet.layers",
     ),
     **dict.fromkeys(
-        ("AttentionCenterLoss", "BatchHardTripletLoss", "CrossEntropyLoss", "parse_loss_spec"),
+        ("AttentionCenterLoss", "BatchHardTripletLoss", "parse_loss_spec"),
         "lagnet.losses",
     ),
 }
 
+# Names that were also renamed: old top-level name -> (new home, new name).
+_RENAMED: dict[str, tuple[str, str]] = {
+    "CrossEntropyLoss": ("lagnet.losses", "LabelSmoothingCrossEntropy"),
+    "local_attention_pool": ("lagnet.layers", "local_attention_system"),
+}
+
 
 def __getattr__(name: str) -> Any:
-    module = _MOVED.get(name)
-    if module is None:
+    if name in _MOVED:
+        module, new_name = _MOVED[name], name
+    elif name in _RENAMED:
+        module, new_name = _RENAMED[name]
+    else:
         raise AttributeError(f"module 'lagnet' has no attribute {name!r}")
     warnings.warn(
-        f"lagnet.{name} moved: use `from {module} import {name}` "
+        f"lagnet.{name} moved: use `from {module} import {new_name}` "
         "(the top-level name will be removed in the next release)",
         DeprecationWarning,
         stacklevel=2,
     )
-    return getattr(importlib.import_module(module), name)
+    return getattr(importlib.import_module(module), new_name)
 
 
 def __dir__() -> list[str]:

@@ -37,6 +37,14 @@ def test_moved_name_warns_with_its_new_import(name: str) -> None:
     assert value is getattr(new_home, name)
 
 
+@pytest.mark.parametrize("name", sorted(lagnet._RENAMED))
+def test_renamed_name_warns_with_its_new_name(name: str) -> None:
+    module, new_name = lagnet._RENAMED[name]
+    with pytest.warns(DeprecationWarning, match=rf"use `from {module} import {new_name}`"):
+        value = getattr(lagnet, name)
+    assert value is getattr(importlib.import_module(module), new_name)
+
+
 def test_from_import_of_a_moved_name_warns() -> None:
     with pytest.warns(DeprecationWarning, match="lagnet.data import PKSampler"):
         from lagnet import PKSampler  # noqa: F401

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,11 +76,11 @@ def eval_embeddings(
 @pytest.fixture(scope="module")
 def train_output(reference_model: LAGNet, vectors: dict[str, Any]) -> LAGNetOutput:
     _, xt, _ = reference_inputs(vectors)
-    model = reference_model.train()
+    # A copy: a training-mode pass updates the batch-norm running statistics, which would leak
+    # into the eval-mode tests that share the module-scoped model.
+    model = copy.deepcopy(reference_model).train()
     with torch.no_grad():
-        out = model.forward_train(xt)
-    reference_model.eval()
-    return out
+        return model.forward_train(xt)
 
 
 def test_model_geometry(reference_model: LAGNet, vectors: dict[str, Any]) -> None:

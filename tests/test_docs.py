@@ -9,15 +9,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKDOWN = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]) + sorted(
-    (ROOT / "tests" / "data").rglob("*.md")
+MARKDOWN = sorted(
+    [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "tests" / "data").rglob("*.md")]
 )
-SOURCES = sorted(
-    p
-    for folder in ("lagnet", "tests", "examples", "benchmarks", "docs")
-    for p in (ROOT / folder).rglob("*")
-    if p.suffix in {".py", ".md", ".ipynb", ".sh"} and p.name != "test_docs.py"
-) + [ROOT / "README.md", ROOT / "CHANGELOG.md"]
+SOURCES = [
+    *sorted(
+        p
+        for folder in ("lagnet", "tests", "examples", "benchmarks", "docs")
+        for p in (ROOT / folder).rglob("*")
+        if p.suffix in {".py", ".md", ".ipynb", ".sh"} and p.name != "test_docs.py"
+    ),
+    ROOT / "README.md",
+    ROOT / "CHANGELOG.md",
+]
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 

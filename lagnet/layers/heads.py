@@ -204,8 +204,9 @@ class MultiGranularityHead(nn.Module):
         reduce_dim: ``R`` of each reduction head.
         pool: pooling of the global descriptor and the stripes (``"max+avg"``).
         stripes_from: ``"map"`` pools real stripes of the feature map (the paper);
-            ``"pooled"`` pools the already pooled ``1x1`` descriptor, so every stripe equals
-            the global one (the released code's quirk, see docs/reference-code.md).
+            ``"pooled"`` pools the already pooled ``1x1`` descriptor ``g``, so every stripe is
+            ``2 * g`` with ``"max+avg"`` (the released code's quirk, see
+            docs/reference-code.md section 4).
 
     Shapes: ``(B, C, H, W) -> MultiGranularityOutput``; any ``H, W``. The stripes are pooled
     in one :func:`~lagnet.layers.stripe_pool` call; each stripe then has its own heads.

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lagnet import LAGNet, attention_drop_mask, build_lagnet
+from lagnet import LAGNet, build_lagnet
 from lagnet.data import IMAGENET_MEAN, IMAGENET_STD
+from lagnet.layers import attention_drop_mask
 from lagnet.viz import (
     plot_attention,
     plot_drop_region,

@@ -49,6 +49,19 @@ OUTPUT_NAME = "output"
 
 _INSTALL_HINT = 'install the ONNX extra: pip install "lagnet[onnx]"'
 _MIN_OPSET = 13
+_MIN_TORCH_FOR_ONNX = (2, 6)  # torch.onnx.export(dynamo=True, external_data=, optimize=)
+
+
+def _check_torch_for_onnx() -> None:
+    """Raise a clear error on a torch whose ONNX exporter lacks what :func:`to_onnx` uses."""
+    parts = torch.__version__.split("+")[0].split(".")
+    version = tuple(int(p) if p.isdigit() else 0 for p in parts[:2])
+    if version < _MIN_TORCH_FOR_ONNX:
+        need = ".".join(map(str, _MIN_TORCH_FOR_ONNX))
+        raise RuntimeError(
+            f"to_onnx needs torch >= {need} (its torch.export-based ONNX exporter); this is "
+            f"torch {torch.__version__}. Upgrade torch, or use export_program() for torch.export"
+        )
 
 
 def _require(module: str, what: str) -> Any:
@@ -369,11 +382,13 @@ def to_onnx(
 
     Raises:
         ImportError: ``onnx``/``onnxscript`` are missing (``pip install "lagnet[onnx]"``).
+        RuntimeError: torch is older than 2.6 (its ONNX exporter lacks what is used here).
         ValueError: the model is in training mode, the input size is too small for the model,
             its forward branches on tensor values, or the opset is out of range.
         FileNotFoundError: the output folder does not exist.
     """
     out_path = _check_output_path(path)
+    _check_torch_for_onnx()
     onnx = _require("onnx", "to_onnx")
     _require("onnxscript", "to_onnx")
     from onnx import version_converter

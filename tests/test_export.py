@@ -357,3 +357,12 @@ def test_missing_onnx_gives_install_hint(
     monkeypatch.setitem(sys.modules, "onnx", None)  # makes `import onnx` raise ImportError
     with pytest.raises(ImportError, match=r"pip install \"lagnet\[onnx\]\""):
         to_onnx(eval_model, tmp_path / "m.onnx", input_size=(64, 32))
+
+
+def test_too_old_torch_is_named_before_any_work(
+    eval_model: LAGNet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    with pytest.raises(RuntimeError, match=r"to_onnx needs torch >= 2\.6.*torch 2\.5\.1\+cpu"):
+        to_onnx(eval_model, tmp_path / "m.onnx", input_size=(64, 32))
+    assert list(tmp_path.iterdir()) == []

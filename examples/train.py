@@ -30,15 +30,15 @@ from lagnet.cli.train import (
     FIXED_KEYS,
     add_train_arguments,
     build_training,
-    checkpoint_of,
     config_from_args,
     histogram_baseline,
     init_distributed,
     is_main,
     load_training_data,
-    plot_curves,
+    non_finite_message,
     rank_metrics,
     read_back_interval,
+    record_epoch,
     restore,
     run_summary,
     summary_table,
@@ -116,32 +116,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 progress=config.progress and is_main(),
             )
         except NonFiniteLossError as err:
-            raise SystemExit(
-                f"loss became {err.value} at epoch {epoch + 1}, batch {err.batch + 1}; stopping. "
-                f"The last good checkpoint is kept at {run.path / 'last.pth'} "
-                "(continue with --resume, maybe with a lower --lr)"
-            ) from None
+            raise SystemExit(non_finite_message(err, run)) from None
         parts.scheduler.step()
         entry: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **losses}
         if is_main() and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
             entry.update(test())
-        state["epoch"] = epoch + 1
-        state["history"].append(entry)
         log(
             "  ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()
             )
         )
-        if is_main():
-            better = "mAP" in entry and entry["mAP"] > run.best_metric
-            if better:
-                state["best_mAP"] = entry["mAP"]
-            ckpt = checkpoint_of(parts, state, config, device)
-            if better:
-                run.save_best(ckpt, entry["mAP"])  # only ever a strictly better model
-            run.save_last(ckpt)
-            run.save_json("log.json", state["history"])
-            plot_curves(run, state["history"])
+        record_epoch(run, parts, state, entry, config, device)  # best.pth only if better, last.pth
         if dist.is_initialized():
             dist.barrier()
     elapsed = time.perf_counter() - start

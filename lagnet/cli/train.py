@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -48,6 +48,9 @@ from lagnet.losses import LAGNetLoss
 from lagnet.model import VARIANTS, LAGNet, build_lagnet
 from lagnet.presets import PRESETS, SYNTHETIC_SIZES
 from lagnet.runs import RunFolder, resolve_device
+
+if TYPE_CHECKING:
+    from lagnet.engine import NonFiniteLossError
 
 __all__ = [
     "FIXED_KEYS",
@@ -526,6 +529,43 @@ def init_distributed(config: TrainConfig) -> torch.device:
     return device
 
 
+def non_finite_message(err: NonFiniteLossError, run: RunFolder) -> str:
+    """The one line a run prints when its loss stops being finite."""
+    return (
+        f"loss became {err.value} at epoch {err.epoch + 1}, batch {err.batch + 1}; stopping. "
+        f"The last good checkpoint is kept at {run.path / 'last.pth'} "
+        "(continue with --resume, maybe with a lower --lr)"
+    )
+
+
+def record_epoch(
+    run: RunFolder,
+    parts: TrainingParts,
+    state: dict[str, Any],
+    entry: dict[str, Any],
+    config: TrainConfig,
+    device: torch.device,
+) -> None:
+    """Append ``entry`` to the history and write the run's files (main process only).
+
+    ``best.pth`` only when ``entry`` has a strictly better mAP, then ``last.pth``, ``log.json``
+    and ``curves.png``.
+    """
+    state["epoch"] = entry["epoch"]
+    state["history"].append(entry)
+    if not is_main():
+        return
+    better = "mAP" in entry and entry["mAP"] > run.best_metric
+    if better:
+        state["best_mAP"] = entry["mAP"]
+    ckpt = checkpoint_of(parts, state, config, device)
+    if better:
+        run.save_best(ckpt, entry["mAP"])  # only ever a strictly better model
+    run.save_last(ckpt)
+    run.save_json("log.json", state["history"])
+    plot_curves(run, state["history"])
+
+
 def plot_curves(run: RunFolder, history: list[dict[str, Any]]) -> None:
     """Write ``curves.png`` when matplotlib is installed (the JSON log has it all otherwise)."""
     try:
@@ -601,29 +641,14 @@ def run_training(
                     progress=config.progress and is_main(),
                 )
             except NonFiniteLossError as err:
-                raise TrainingStopped(
-                    f"loss became {err.value} at epoch {epoch + 1}, batch {err.batch + 1}; "
-                    f"stopping. The last good checkpoint is kept at {run.path / 'last.pth'} "
-                    "(continue with --resume, maybe with a lower --lr)"
-                ) from None
+                raise TrainingStopped(non_finite_message(err, run)) from None
             parts.scheduler.step()
             entry: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **means}
             due = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
             if due and is_main():
                 entry.update(_evaluate(parts, config, device))
-            state["epoch"] = epoch + 1
-            state["history"].append(entry)
             say(_format_entry(entry))
-            if is_main():
-                better = "mAP" in entry and entry["mAP"] > run.best_metric
-                if better:
-                    state["best_mAP"] = entry["mAP"]
-                ckpt = checkpoint_of(parts, state, config, device)
-                if better:
-                    run.save_best(ckpt, entry["mAP"])
-                run.save_last(ckpt)
-                run.save_json("log.json", state["history"])
-                plot_curves(run, state["history"])
+            record_epoch(run, parts, state, entry, config, device)
             if dist.is_initialized():
                 dist.barrier()
         elapsed = time.perf_counter() - start

@@ -19,6 +19,7 @@ from lagnet.data import (
     color_histogram_features,
     generate_synthetic_market,
 )
+from lagnet.evaluation.protocol import evaluate_rank_reference
 
 SMALL = {
     "num_train_ids": 3,
@@ -41,20 +42,14 @@ def default_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def market_map(
     qf: torch.Tensor, gf: torch.Tensor, query: Sequence[ReIDRecord], gallery: Sequence[ReIDRecord]
 ) -> float:
-    """Market-1501 mAP: same-identity same-camera gallery images are removed per query."""
-    dist = torch.cdist(qf, gf).numpy()
-    g_pids = np.array([r.pid for r in gallery])
-    g_cams = np.array([r.camid for r in gallery])
-    aps = []
-    for i, q in enumerate(query):
-        keep = ~((g_pids == q.pid) & (g_cams == q.camid))
-        order = np.argsort(dist[i][keep], kind="stable")
-        matches = g_pids[keep][order] == q.pid
-        if not matches.any():
-            continue
-        ranks = np.flatnonzero(matches)
-        aps.append(np.mean(np.arange(1, len(ranks) + 1) / (ranks + 1)))
-    return float(np.mean(aps))
+    """Market-1501 mAP through the plain protocol (lagnet.evaluation.protocol)."""
+    return evaluate_rank_reference(
+        torch.cdist(qf, gf).numpy(),
+        np.array([r.pid for r in query]),
+        np.array([r.pid for r in gallery]),
+        np.array([r.camid for r in query]),
+        np.array([r.camid for r in gallery]),
+    ).mAP
 
 
 def test_market_map_helper() -> None:

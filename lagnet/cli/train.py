@@ -1,4 +1,6 @@
-"""``lagnet train``: checked settings, the pieces of a training run, and the run itself.
+"""``lagnet train``: the pieces of a training run, and the run itself.
+
+The flags and the checked configuration live in :mod:`lagnet.cli.train_config`.
 
 ``examples/train.py`` is the short, readable version of :func:`run_training`, built on the same
 pieces (:func:`add_train_arguments`, :func:`config_from_args`, :func:`load_training_data`,
@@ -8,31 +10,26 @@ pieces (:func:`add_train_arguments`, :func:`config_from_args`, :func:`load_train
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from lagnet._validation import (
-    check_choice,
-    check_float,
-    check_nonnegative_int,
-    check_positive_int,
-)
-from lagnet.backbones import BACKBONES
 from lagnet.cli._common import (
-    ALL_DATASETS,
-    check_pattern,
     describe_missing,
     load_dataset,
     rank_metrics,
+)
+from lagnet.cli.train_config import (
+    FIXED_KEYS,
+    TrainConfig,
+    add_train_arguments,
+    config_from_args,
 )
 from lagnet.data import (
     DistributedPKSampler,
@@ -45,9 +42,9 @@ from lagnet.data import (
 )
 from lagnet.evaluation import evaluate_features
 from lagnet.losses import LAGNetLoss
-from lagnet.model import VARIANTS, LAGNet, build_lagnet
-from lagnet.presets import PRESETS, SYNTHETIC_SIZES
-from lagnet.runs import RunFolder, resolve_device
+from lagnet.model import LAGNet, build_lagnet
+from lagnet.presets import SYNTHETIC_SIZES
+from lagnet.runs import RunFolder
 
 if TYPE_CHECKING:
     from lagnet.engine import NonFiniteLossError
@@ -74,215 +71,9 @@ __all__ = [
     "summary_table",
 ]
 
-FIXED_KEYS: tuple[str, ...] = (
-    "dataset",
-    "synthetic",
-    "pattern",
-    "camid_base",
-    "seed",
-    "variant",
-    "backbone",
-    "num_attentions",
-    "height",
-    "width",
-    "P",
-    "K",
-    "lr",
-    "weight_decay",
-    "milestones",
-    "warmup",
-)
-"""Settings a ``--resume`` may not change; the others (epochs, device, workers, amp, ...) may."""
-
 
 class TrainingStopped(RuntimeError):
     """Training stopped on a non-finite loss; the last good checkpoint is kept."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of a training run, checked; recorded as the run's ``config.json``."""
-
-    preset: str
-    dataset: str
-    root: str
-    pattern: str | None
-    camid_base: int
-    output: str
-    epochs: int
-    eval_every: int
-    seed: int
-    variant: str
-    backbone: str
-    backbone_weights: str | None
-    num_attentions: int
-    height: int
-    width: int
-    P: int
-    K: int
-    lr: float
-    weight_decay: float
-    milestones: list[int]
-    warmup: int
-    synthetic: str
-    device: str
-    workers: int
-    progress: bool
-    amp: str
-    compile: bool
-    channels_last: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as a JSON-able dict."""
-        return dataclasses.asdict(self)
-
-    @property
-    def amp_mode(self) -> Any:
-        """``"bf16"``, ``"fp16"`` or ``None`` (the engine's ``amp`` argument)."""
-        return None if self.amp == "off" else self.amp
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the training flags (shared by ``lagnet train`` and ``examples/train.py``)."""
-    p = parser
-    p.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default="demo",
-        help="the settings every other flag overrides (default: demo)",
-    )
-    p.add_argument("--dataset", help=f"one of {', '.join(ALL_DATASETS)} (preset default)")
-    p.add_argument("--root", help="dataset folder (synthetic: where to write it)")
-    p.add_argument("--pattern", help="--dataset folder: regex with named groups pid and camid")
-    p.add_argument(
-        "--camid-base",
-        type=int,
-        default=1,
-        help="--dataset folder: the camera number of the first camera (default 1)",
-    )
-    p.add_argument("--output", help="run folder (default runs/PRESET)")
-    p.add_argument("--epochs", type=int, help="number of epochs (a resume may raise it)")
-    p.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
-    p.add_argument("--resume", action="store_true", help="continue the run in OUTPUT/last.pth")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="move an earlier run's files aside into OUTPUT/previous-<time>/",
-    )
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variant", choices=list(VARIANTS), default="paper")
-    p.add_argument("--backbone", help="torchvision ResNet name (preset default otherwise)")
-    p.add_argument("--backbone-weights", help="local torchvision ImageNet state dict")
-    p.add_argument("--num-attentions", type=int, help="attention maps K kept by the LAS")
-    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
-    p.add_argument("--ids-per-batch", type=int, dest="P", help="identities per batch (P)")
-    p.add_argument("--images-per-id", type=int, dest="K", help="images per identity (K)")
-    p.add_argument("--lr", type=float, help="learning rate of Adam")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--amp",
-        choices=["bf16", "fp16", "off"],
-        help="mixed precision (default: bf16 on a capable GPU, off on the CPU)",
-    )
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    p.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="channels_last memory format (default: on for CUDA)",
-    )
-
-
-def _cache_root(synthetic: str) -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lagnet"
-    return cache / f"synthetic-{synthetic}"
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Fill the preset's defaults into ``args`` and check every value; reads and writes no file
-    except to look at ``--root`` and ``--backbone-weights``.
-
-    Raises:
-        ValueError / TypeError: a value out of range, naming the flag and the value.
-        FileNotFoundError: ``--root`` or ``--backbone-weights`` does not exist.
-    """
-    preset = PRESETS[check_choice(args.preset, "--preset", sorted(PRESETS))]
-
-    def pick(name: str) -> Any:
-        value = getattr(args, name, None)
-        return preset[name] if value is None else value
-
-    height, width = args.input_size or (preset["height"], preset["width"])
-    dataset = str(pick("dataset")).lower()
-    check_choice(dataset, "--dataset", ALL_DATASETS)
-    pattern = args.pattern
-    if dataset == "folder":
-        if pattern is None:
-            raise ValueError("--dataset folder needs --pattern (named groups pid and camid)")
-        check_pattern(pattern)
-    elif pattern is not None:
-        raise ValueError(f"--pattern is for --dataset folder only, not for --dataset {dataset}")
-    root = args.root
-    if root is None:
-        if dataset != "synthetic":
-            raise ValueError(f"--root is required for --dataset {dataset}")
-        root = _cache_root(preset["synthetic"])
-    root = Path(root).expanduser()
-    if dataset != "synthetic" and not root.is_dir():
-        raise FileNotFoundError(f"--root {str(root)!r} does not exist or is not a folder")
-    weights = args.backbone_weights
-    if weights is not None and not Path(weights).expanduser().is_file():
-        raise FileNotFoundError(f"--backbone-weights {weights!r}: no such file")
-    device = resolve_device(args.device)
-    channels_last = args.channels_last
-    if channels_last is None:
-        channels_last = device.type == "cuda"
-    config = TrainConfig(
-        preset=args.preset,
-        dataset=dataset,
-        root=str(root),
-        pattern=pattern,
-        camid_base=check_nonnegative_int(args.camid_base, "--camid-base"),
-        output=str(Path(args.output or Path("runs") / args.preset).expanduser()),
-        epochs=check_positive_int(pick("epochs"), "--epochs"),
-        eval_every=check_positive_int(pick("eval_every"), "--eval-every"),
-        seed=check_nonnegative_int(args.seed, "--seed"),
-        variant=check_choice(args.variant, "--variant", VARIANTS),
-        backbone=check_choice(pick("backbone"), "--backbone", BACKBONES),
-        backbone_weights=weights,
-        num_attentions=check_positive_int(pick("num_attentions"), "--num-attentions"),
-        height=check_positive_int(height, "--input-size H"),
-        width=check_positive_int(width, "--input-size W"),
-        P=check_positive_int(pick("P"), "--ids-per-batch"),
-        K=check_positive_int(pick("K"), "--images-per-id"),
-        lr=check_float(pick("lr"), "--lr", low=0.0, low_open=True),
-        weight_decay=check_float(preset["weight_decay"], "weight_decay", low=0.0),
-        milestones=[check_positive_int(m, "milestone") for m in preset["milestones"]],
-        warmup=check_nonnegative_int(preset["warmup"], "warmup"),
-        synthetic=preset["synthetic"],
-        device=str(device),
-        workers=check_nonnegative_int(args.workers, "--workers"),
-        progress=not args.no_progress,
-        amp=args.amp or "off",
-        compile=bool(args.compile),
-        channels_last=bool(channels_last),
-    )
-    if config.K < 2:
-        raise ValueError(
-            f"--images-per-id must be >= 2 (the triplet loss needs a positive pair), got {config.K}"
-        )
-    if args.amp is None:  # last: the engine knows what this device supports
-        config = dataclasses.replace(config, amp=_default_amp(device))
-    return config
-
-
-def _default_amp(device: torch.device) -> str:
-    from lagnet.engine import default_amp
-
-    mode = default_amp(device)
-    return "off" if mode is None else str(mode)
 
 
 def is_main() -> bool:

@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--ids", type=int, default=None, help="identities (default num / 20)")
     parser.add_argument("--noise", type=float, default=0.02, help="noise per dimension")
-    parser.add_argument("--chunk", type=int, default=250_000)
+    parser.add_argument("--chunk", type=int, default=100_000)
     parser.add_argument("--nlist", type=int, default=1024)
     parser.add_argument("--pq-m", type=int, default=64, help="PQ sub-quantisers")
     parser.add_argument("--pq-bits", type=int, default=4, help="bits per sub-quantiser")

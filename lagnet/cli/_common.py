@@ -45,6 +45,27 @@ def warn(message: str) -> None:
     print(f"lagnet: warning: {message}", file=sys.stderr, flush=True)
 
 
+def new_output_path(
+    value: str, *, overwrite: bool, companions: tuple[str, ...] = (), named: bool = True
+) -> Path:
+    """``--output`` as a path whose folder exists and that is not replaced unless ``overwrite``.
+
+    ``companions`` are suffixes of files written beside it (e.g. ``".paths.txt"``), checked
+    too; ``named`` prefixes the "exists" message of the output itself with ``--output``.
+    """
+    output = Path(value).expanduser()
+    prefix = "--output " if named else ""
+    targets = [(output, prefix)] + [(output.with_name(output.name + s), "") for s in companions]
+    for target, label in targets:
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{label}{str(target)!r} exists; pass --overwrite to replace it")
+    if not output.parent.is_dir():
+        raise FileNotFoundError(
+            f"--output {str(output)!r}: folder {str(output.parent)!r} does not exist"
+        )
+    return output
+
+
 def check_pattern(pattern: object, flag: str = "--pattern") -> str:
     """Check that ``pattern`` is a regular expression with named groups ``pid`` and ``camid``."""
     if not isinstance(pattern, str):

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from lagnet._io import atomic_write
 from lagnet._validation import check_nonnegative_int, check_positive_int
-from lagnet.cli._common import load_run_model
+from lagnet.cli._common import load_run_model, new_output_path
 from lagnet.data import IMAGE_EXTENSIONS, ImageDataset, build_transforms
 from lagnet.evaluation import extract_features
 from lagnet.runs import resolve_device
@@ -77,13 +77,7 @@ def run(args: argparse.Namespace) -> int:
     batch_size = check_positive_int(args.batch_size, "--batch-size")
     workers = check_nonnegative_int(args.workers, "--workers")
     device = resolve_device(args.device)
-    output = Path(args.output).expanduser()
-    if output.exists() and not args.overwrite:
-        raise FileExistsError(f"--output {str(output)!r} exists; pass --overwrite to replace it")
-    if not output.parent.is_dir():
-        raise FileNotFoundError(
-            f"--output {str(output)!r}: folder {str(output.parent)!r} does not exist"
-        )
+    output = new_output_path(args.output, overwrite=args.overwrite)
     names = find_images(args.images)
     model, meta = load_run_model(args.weights, device=device)
     root = Path(args.images).expanduser()

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from lagnet._validation import check_positive_int
-from lagnet.cli._common import load_run_model
+from lagnet.cli._common import load_run_model, new_output_path
 
 __all__ = ["EXAMPLES", "add_command"]
 
@@ -42,13 +41,7 @@ def run(args: argparse.Namespace) -> int:
     """Write the ONNX file; returns the exit code."""
     from lagnet.export import to_onnx
 
-    output = Path(args.output).expanduser()
-    if output.exists() and not args.overwrite:
-        raise FileExistsError(f"--output {str(output)!r} exists; pass --overwrite to replace it")
-    if not output.parent.is_dir():
-        raise FileNotFoundError(
-            f"--output {str(output)!r}: folder {str(output.parent)!r} does not exist"
-        )
+    output = new_output_path(args.output, overwrite=args.overwrite)
     model, meta = load_run_model(args.weights)
     if args.input_size is None:
         size = (int(meta["height"]), int(meta["width"]))

@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from lagnet._io import atomic_write
 from lagnet._validation import check_positive_int
+from lagnet.cli._common import new_output_path
 
 __all__ = ["INDEX_EXAMPLES", "SEARCH_EXAMPLES", "add_index_command", "add_search_command"]
 
@@ -36,9 +37,12 @@ SEARCH_EXAMPLES = """\
 KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw")
 
 
+PATHS_SUFFIX = ".paths.txt"
+
+
 def paths_file(index: Path) -> Path:
     """The file next to an index that names its items: ``<index>.paths.txt``."""
-    return index.with_name(index.name + ".paths.txt")
+    return index.with_name(index.name + PATHS_SUFFIX)
 
 
 def read_embeddings(path: str, flag: str) -> tuple[npt.NDArray[np.float32], list[str]]:
@@ -97,15 +101,10 @@ def run_index(args: argparse.Namespace) -> int:
     """Build and save the index; returns the exit status."""
     from lagnet.retrieval import GalleryIndex
 
-    output = Path(args.output).expanduser()
+    output = new_output_path(
+        args.output, overwrite=args.overwrite, companions=(PATHS_SUFFIX,), named=False
+    )
     names_out = paths_file(output)
-    for target in (output, names_out):
-        if target.exists() and not args.overwrite:
-            raise FileExistsError(f"{str(target)!r} exists; pass --overwrite to replace it")
-    if not output.parent.is_dir():
-        raise FileNotFoundError(
-            f"--output {str(output)!r}: folder {str(output.parent)!r} does not exist"
-        )
     pca_dim = None if args.pca_dim is None else check_positive_int(args.pca_dim, "--pca-dim")
     features, names = read_embeddings(args.features, "--features")
     index = GalleryIndex.build(features, kind=args.kind, metric=args.metric, pca_dim=pca_dim)

@@ -201,10 +201,12 @@ def test_cuda_tensors() -> None:
     ties=st.booleans(),
     data=st.data(),
 )
+@pytest.mark.parametrize("sparse_on_device", [False, True])
 def test_torch_path_equals_numpy_path(
-    nq: int, ng: int, seed: int, ties: bool, data: st.DataObject
+    nq: int, ng: int, seed: int, ties: bool, data: st.DataObject, sparse_on_device: bool
 ) -> None:
-    """The device path (torch neighbour search on the dense matrices), run on CPU tensors,
+    """The device path (torch neighbour search on the dense matrices; with
+    ``sparse_on_device``, the sparse steps with torch too, as on CUDA), run on CPU tensors,
     gives the NumPy path's numbers, ties and non-symmetric blocks included."""
     k1 = data.draw(st.integers(1, ng), label="k1")
     k2 = data.draw(st.integers(1, min(8, nq + ng)), label="k2")
@@ -217,16 +219,21 @@ def test_torch_path_equals_numpy_path(
     q_g, q_q, g_g = (m.astype(np.float32) for m in mats)
     expected = re_ranking(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lam)
     tensors = [torch.from_numpy(m) for m in (q_g, q_q, g_g)]
-    got = re_ranking_on_device(*tensors, k1=k1, k2=k2, lambda_value=lam)
+    got = re_ranking_on_device(
+        *tensors, k1=k1, k2=k2, lambda_value=lam, sparse_on_device=sparse_on_device
+    )
     np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-6)
 
 
-def test_torch_path_larger_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("sparse_on_device", [False, True])
+def test_torch_path_larger_problem(monkeypatch: pytest.MonkeyPatch, sparse_on_device: bool) -> None:
     q_g, q_q, g_g = (m.astype(np.float32) for m in symmetric_problem(40, 150, 5, 3))
     expected = re_ranking(q_g, q_q, g_g)
     monkeypatch.setattr("lagnet.evaluation._shared.BLOCK_ELEMENTS", 1000)  # blocks across Q/G
     tensors = [torch.from_numpy(m) for m in (q_g, q_q, g_g)]
-    got = re_ranking_on_device(*tensors, k1=20, k2=6, lambda_value=0.3)
+    got = re_ranking_on_device(
+        *tensors, k1=20, k2=6, lambda_value=0.3, sparse_on_device=sparse_on_device
+    )
     np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-6)
 
 

@@ -7,7 +7,8 @@ of the combined matrix ``A = [[q_q, q_g], [q_g^T, g_g]]``. A *source* gives the 
 distances that make it up, a block of rows at a time, so the ``(N, N)`` matrix never exists:
 :class:`FeatureDistances` computes them from features, :class:`MatrixDistances` reads them from
 the three dense matrices. :class:`TorchReRanker` finds every item's nearest neighbours from
-those rows, runs the sparse steps (:mod:`._kreciprocal`) on the host, and produces the
+those rows, runs the sparse steps (:mod:`._kreciprocal` on the host, or
+:mod:`._kreciprocal_device` on a CUDA device), and produces the
 re-ranked ``(Q, G)`` distances a block of queries at a time.
 """
 
@@ -19,8 +20,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from . import _kreciprocal_device as device_steps
 from . import _shared
 from ._kreciprocal import SparseJaccard, expanded_sets, gaussian_weights, query_expansion
+from ._kreciprocal_device import DeviceSparseJaccard
 from .distance import DEFAULT_BLOCK_ROWS, DistanceBlocks, Metric
 
 __all__ = ["FeatureDistances", "MatrixDistances", "TorchReRanker", "smallest_stable"]
@@ -29,6 +32,8 @@ __all__ = ["FeatureDistances", "MatrixDistances", "TorchReRanker", "smallest_sta
 _PAIR_CHUNK = 1 << 13
 # Original distances kept per item from the neighbour search: this many times k1.
 _KEPT_PER_K1 = 3
+# On CUDA the sparse steps work on blocks this many times larger (fewer, fuller launches).
+_DEVICE_BLOCK_FACTOR = 8
 
 
 def smallest_stable(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -155,9 +160,21 @@ class MatrixDistances:
 
 
 class TorchReRanker:
-    """The k-reciprocal state of a query/gallery set, built once from a distance ``source``."""
+    """The k-reciprocal state of a query/gallery set, built once from a distance ``source``.
 
-    def __init__(self, source: SquaredDistances, *, k1: int, k2: int, lambda_value: float):
+    ``sparse_on_device``: run the sparse steps with torch on the source's device
+    (:mod:`._kreciprocal_device`) instead of with NumPy on the host; default: on CUDA only.
+    """
+
+    def __init__(
+        self,
+        source: SquaredDistances,
+        *,
+        k1: int,
+        k2: int,
+        lambda_value: float,
+        sparse_on_device: bool | None = None,
+    ):
         self.source = source
         self.lambda_value = lambda_value
         nq, ng = source.num_query, source.num_gallery
@@ -181,6 +198,23 @@ class TorchReRanker:
             columns = smallest_stable(sq.div_(col_max[:, None]), kept)
             nearest[s : s + step] = columns
             nearest_original[s : s + step] = sq.gather(1, columns)
+        if sparse_on_device is None:
+            sparse_on_device = device.type == "cuda"
+        self.jaccard: SparseJaccard | DeviceSparseJaccard
+        if sparse_on_device:
+            # 2. the same sparse steps with torch, without leaving the device
+            block = _shared.BLOCK_ELEMENTS * (_DEVICE_BLOCK_FACTOR if device.type == "cuda" else 1)
+            nearest_k = nearest[:, :k].contiguous()
+            rows_t, cols_t = device_steps.expanded_sets(nearest_k, k1, block)
+            original_t = self._pair_original_device(rows_t, cols_t, nearest, nearest_original)
+            del nearest, nearest_original
+            vals_t = device_steps.gaussian_weights(rows_t, original_t, n)
+            if k2 != 1:
+                rows_t, cols_t, vals_t = device_steps.query_expansion(
+                    rows_t, cols_t, vals_t, nearest_k, k2, block
+                )
+            self.jaccard = DeviceSparseJaccard(rows_t, cols_t, vals_t, nq, ng, block)
+            return
         known_cols = nearest.cpu().numpy()
         known_values = nearest_original.cpu().numpy()
         nearest_np = np.ascontiguousarray(known_cols[:, :k])
@@ -192,6 +226,27 @@ class TorchReRanker:
         if k2 != 1:
             rows, cols, vals = query_expansion(rows, cols, vals, nearest_np, k2)
         self.jaccard = SparseJaccard(rows, cols, vals, nq, ng)
+
+    def _pair_original_device(
+        self, rows: torch.Tensor, cols: torch.Tensor, known_cols: torch.Tensor,
+        known_values: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """:meth:`_pair_original` with tensors on the source's device."""
+        n = known_cols.shape[0]
+        arange = torch.arange(n, dtype=torch.int64, device=known_cols.device)
+        known_keys = (arange[:, None] * n + known_cols).reshape(-1)
+        sorted_keys, by_key = torch.sort(known_keys)
+        keys = rows * n + cols
+        at = torch.searchsorted(sorted_keys, keys).clamp_(max=sorted_keys.numel() - 1)
+        found = sorted_keys[at] == keys
+        out = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+        out[found] = known_values.reshape(-1)[by_key[at[found]]]
+        missing = (~found).nonzero().squeeze(1)
+        for a in range(0, missing.numel(), _PAIR_CHUNK * _DEVICE_BLOCK_FACTOR):
+            chunk = missing[a : a + _PAIR_CHUNK * _DEVICE_BLOCK_FACTOR]
+            i, j = rows[chunk], cols[chunk]
+            out[chunk] = self.source.pairs(i, j) / self.col_max[i]
+        return out
 
     def _pair_original(
         self,
@@ -226,6 +281,8 @@ class TorchReRanker:
         out.div_(self.col_max[start:stop, None])
         out.mul_(self.lambda_value)
         for s, e in self.jaccard.blocks(start, stop):
-            jaccard = torch.from_numpy(self.jaccard.rows(s, e)).to(out.device)
+            block = self.jaccard.rows(s, e)
+            jaccard = block if isinstance(block, torch.Tensor) else torch.from_numpy(block)
+            jaccard = jaccard.to(out.device)
             out[s - start : e - start].add_(jaccard.mul_(1.0 - self.lambda_value))
         return out

@@ -226,12 +226,16 @@ def re_ranking_on_device(
     k1: int,
     k2: int,
     lambda_value: float,
+    sparse_on_device: bool | None = None,
 ) -> torch.Tensor:
     """:func:`re_ranking` of validated float tensors with torch, on their device: the
-    neighbour search and the final distances stay there, the sparse steps run on the host."""
+    neighbour search and the final distances stay there; the sparse steps run there too on
+    CUDA, on the host otherwise (``sparse_on_device`` chooses)."""
     with torch.no_grad():
         source = MatrixDistances(q_g, q_q, g_g)
-        reranker = TorchReRanker(source, k1=k1, k2=k2, lambda_value=lambda_value)
+        reranker = TorchReRanker(
+            source, k1=k1, k2=k2, lambda_value=lambda_value, sparse_on_device=sparse_on_device
+        )
         nq = q_g.shape[0]
         step = max(1, _shared.BLOCK_ELEMENTS // max(1, q_g.shape[1]))
         return torch.cat([reranker.rows(s, min(nq, s + step)) for s in range(0, nq, step)])

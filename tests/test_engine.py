@@ -400,25 +400,44 @@ def test_cuda_train_one_epoch_and_evaluate() -> None:
     assert half.mAP == pytest.approx(on_cpu.mAP, abs=0.05)
 
 
-def test_bench_gpu_cpu_smoke_runs() -> None:
+def run_benchmark(name: str, *args: str) -> list[str]:
     import subprocess
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / name
     done = subprocess.run(
-        [sys.executable, str(script), "--cpu-smoke"],
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=600,
         check=False,
-    )
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.splitlines()
+    return done.stdout.splitlines()
+
+
+def test_bench_gpu_cpu_smoke_runs(tmp_path: Any) -> None:
+    import json
+
+    lines = run_benchmark("bench_gpu.py", "--cpu-smoke", "--json", str(tmp_path / "out.json"))
     assert lines[0].startswith("CPU (smoke), torch ")
-    rows = {line[:18].strip(): line[18:].split() for line in lines[2:]}
-    assert list(rows) == ["eager fp32", "eager bf16+CL", "compiled bf16+CL"]
+    names = ["eager fp32", "eager bf16+CL", "compiled bf16+CL", "graphs bf16+CL"]
+    rows = {line[:18].strip(): line[18:].split() for line in lines if line[:18].strip() in names}
+    assert list(rows) == names
     assert rows["eager fp32"][1] == "1.00" and rows["eager fp32"][-1] == "(ref)"
-    for name in ("eager bf16+CL", "compiled bf16+CL"):
+    for name in names[1:]:
         assert float(rows[name][0]) > 0 and float(rows[name][2]) > 0
         assert 0.99 < float(rows[name][-1]) <= 1.0  # cosine to float32, same weights
+    at = lines.index("loss, mean of each 3 steps: eager fp32 | compiled bf16+CL")
+    assert lines[at - 1].startswith("compiled bf16+CL")  # printed as soon as both curves ran
+    assert lines[at + 2].startswith("largest relative gap of a window: ")
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert list(saved["rows"]) == names
+    curves = saved["curves"]
+    assert [len(c) for c in curves.values()] == [3, 3]
+    assert all(0 < v < 20 for c in curves.values() for v in c)
+
+
+def test_bench_gpu_eval_cpu_smoke_runs() -> None:
+    lines = run_benchmark("bench_gpu_eval.py", "--cpu-smoke", "--repeats", "1")
+    assert lines[0].startswith("CPU (smoke), torch ")
+    assert lines[2].split()[0] == "plain" and lines[2].endswith("identical")
+    assert lines[3].split()[0] == "re-ranked" and lines[3].endswith("identical")

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one run with a time limit per step: the CUDA-marked tests,
+# the loss and conformance tests (torch versions differ between machines), the GPU evaluation
+# and training benchmarks, and a short `lagnet train` on CUDA. Logs and the benchmark JSON go
+# to $OUT (default /tmp/lagnet-gpu-checks); each step's last lines are printed.
+#
+#   bash benchmarks/run_gpu_checks.sh               # on a machine with a CUDA GPU
+#   SMOKE=1 PYTHON=python bash benchmarks/run_gpu_checks.sh   # the same steps, tiny, on the CPU
+set -u
+out=${OUT:-/tmp/lagnet-gpu-checks}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+cd "$(dirname "$0")/.." || exit 2
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+smoke=() device=cuda
+if [ "${SMOKE:-0}" = 1 ]; then smoke=(--cpu-smoke) device=cpu; fi
+status=0
+
+step() {
+    local name=$1 limit=$2 start=$SECONDS rc
+    shift 2
+    echo "== $name (limit ${limit} s): $*"
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    rc=$?
+    tail -n "${TAIL:-30}" "$out/$name.log"
+    echo "== $name: exit $rc after $((SECONDS - start)) s"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+nvidia-smi -L 2>/dev/null
+"$py" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__,
+    "CUDA", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "-")'
+step cuda_tests 120 "$py" -m pytest -q -p no:cacheprovider -m cuda tests
+step losses_conformance 60 "$py" -m pytest -q -p no:cacheprovider tests/test_losses.py \
+    tests/test_conformance.py tests/test_kreciprocal_device.py
+step bench_gpu_eval 60 "$py" benchmarks/bench_gpu_eval.py "${smoke[@]}"
+step bench_gpu 300 "$py" benchmarks/bench_gpu.py "${smoke[@]}" --json "$out/bench_gpu.json" \
+    --profile "$out/profile.txt"
+step train_cli 60 "$py" -m lagnet train --preset demo --epochs 2 --device "$device" \
+    --output "$(mktemp -d)/run" --no-progress
+exit "$status"

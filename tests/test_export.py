@@ -6,8 +6,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -20,6 +18,9 @@ from lagnet.export import (
     export_program,
     to_onnx,
 )
+
+onnx = pytest.importorskip("onnx", reason="needs the onnx extra: lagnet[onnx]")
+ort = pytest.importorskip("onnxruntime", reason="needs the onnx extra: lagnet[onnx]")
 
 NUM_CLASSES = 6
 

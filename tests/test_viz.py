@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import matplotlib.colors as mcolors
 import numpy as np
 import pytest
 import torch
@@ -24,6 +23,8 @@ from lagnet.viz import (
     plot_training_curves,
     save_figure,
 )
+
+mcolors = pytest.importorskip("matplotlib.colors", reason="needs the viz extra: lagnet[viz]")
 
 H, W = 128, 64
 K = 8

@@ -55,6 +55,28 @@ def default_amp(device: torch.device | str) -> AmpMode | None:
     return "bf16" if major >= 8 else "fp16"
 
 
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def _compile_settings(
+    device: torch.device, ddp: bool = False, options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``torch.compile`` keywords of a compiled :class:`TrainStep`.
+
+    ``fullgraph=True`` (off under ``DistributedDataParallel``, which splits the graph at its
+    gradient buckets) and ``dynamic=False``; on CUDA without DDP, ``mode="reduce-overhead"``:
+    CUDA graphs replay the step's kernels with one launch, which the step needs to keep the
+    GPU busy (``docs/training.md``). ``options`` are added last and win; one that names a
+    ``mode``, ``options`` or another ``backend`` turns the CUDA-graphs default off.
+    """
+    settings: dict[str, Any] = {"fullgraph": not ddp, "dynamic": False}
+    options = dict(options or {})
+    chosen = {"mode", "options", "backend"} & set(options)
+    if device.type == "cuda" and not ddp and not chosen:
+        settings["mode"] = "reduce-overhead"
+    return {**settings, **options}
+
+
 def _check_amp(amp: object) -> AmpMode | None:
     if amp is None:
         return None
@@ -135,15 +157,20 @@ class TrainStep:
         channels_last: convert the model (now) and each batch of images to
             ``torch.channels_last``.
         compile: run the forward pass and the loss through
-            ``torch.compile(fullgraph=True, dynamic=False)``; backward is compiled with it.
-            Shapes are static, so give it full batches (``drop_last=True``, as the PK loaders
-            do): another batch size compiles again. Off by default: on the CPU the compiled
-            step is hardly faster than eager and takes minutes to compile (``docs/training.md``).
-        compile_options: more ``torch.compile`` keywords, e.g. ``{"mode": "max-autotune"}``
-            or ``{"backend": "aot_eager"}``.
+            ``torch.compile(fullgraph=True, dynamic=False)``; backward is compiled with it. On
+            CUDA the compiled step is also captured in CUDA graphs (``mode="reduce-overhead"``;
+            the ``compile_options`` attribute says what was used). Shapes are static, so give
+            it full batches (``drop_last=True``, as the PK loaders do): another batch size
+            compiles again. Off by default: on the CPU the compiled step is hardly faster than
+            eager and takes minutes to compile (``docs/training.md``).
+        compile_options: more ``torch.compile`` keywords, e.g. ``{"mode": "default"}`` (no
+            CUDA graphs), ``{"mode": "max-autotune"}`` or ``{"backend": "aot_eager"}``.
 
     Attributes:
         scaler: the ``torch.amp.GradScaler`` for ``amp="fp16"``, else ``None``.
+        compile_options: the ``torch.compile`` keywords used (empty when not compiled).
+        cuda_graphs: whether the step replays CUDA graphs; its results are then copies, so
+            they stay valid after the next step.
     """
 
     def __init__(
@@ -185,11 +212,16 @@ class TrainStep:
             torch.amp.GradScaler(self.device.type) if self.amp == "fp16" else None
         )
         forward: Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]] = self._forward_loss
+        self.compile_options: dict[str, Any] = {}
         if self.compiled:
             ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-            # DDP splits the graph at its gradient buckets, so it cannot be one full graph
-            options = {"fullgraph": not ddp, "dynamic": False, **(compile_options or {})}
-            forward = torch.compile(forward, **options)
+            self.compile_options = _compile_settings(self.device, ddp, compile_options)
+            forward = torch.compile(forward, **self.compile_options)
+        self.cuda_graphs = (
+            self.device.type == "cuda"
+            and self.compile_options.get("mode") in _CUDA_GRAPH_MODES
+            and self.compile_options.get("backend", "inductor") == "inductor"
+        )
         self._forward = forward
 
     def _forward_loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -220,6 +252,8 @@ class TrainStep:
                 f"{type(labels).__name__}"
             )
         images, labels = self._prepare(images, labels)
+        if self.cuda_graphs:  # a new step: the graphs' previous outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
         loss, components = self._forward(images, labels)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -229,6 +263,10 @@ class TrainStep:
         else:
             loss.backward()  # type: ignore[no-untyped-call]
             self.optimizer.step()
+        if self.cuda_graphs:  # copies that outlive the next replay of the graphs
+            return StepResult(
+                loss.detach().clone(), {k: v.detach().clone() for k, v in components.items()}
+            )
         return StepResult(loss.detach(), {k: v.detach() for k, v in components.items()})
 
     def state_dict(self) -> dict[str, Any]:

@@ -243,6 +243,28 @@ def test_compiled_step_matches_eager_over_three_steps() -> None:
     torch.testing.assert_close(compiled_loss["center.centers"], eager_loss["center.centers"])
 
 
+def test_compile_settings_use_cuda_graphs_on_cuda_only() -> None:
+    from lagnet.engine import _compile_settings
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _compile_settings(cpu) == {"fullgraph": True, "dynamic": False}
+    assert _compile_settings(cuda) == {
+        "fullgraph": True, "dynamic": False, "mode": "reduce-overhead"
+    }  # fmt: skip
+    # DDP splits the graph at its buckets: no full graph, no CUDA graphs by default
+    assert _compile_settings(cuda, ddp=True) == {"fullgraph": False, "dynamic": False}
+    # the caller's choice wins, and any mode, options or backend turns the default off
+    assert _compile_settings(cuda, options={"mode": "default"})["mode"] == "default"
+    assert "mode" not in _compile_settings(cuda, options={"backend": "aot_eager"})
+    assert "mode" not in _compile_settings(cuda, options={"options": {"max_autotune": True}})
+    assert _compile_settings(cpu, options={"dynamic": True})["dynamic"] is True
+    _, _, step = make_step(compile=True, compile_options={"backend": "aot_eager"})
+    assert step.compile_options == {"fullgraph": True, "dynamic": False, "backend": "aot_eager"}
+    assert step.cuda_graphs is False
+    _, _, eager = make_step()
+    assert eager.compile_options == {} and eager.cuda_graphs is False
+
+
 def loader_of(batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     return [(x, LABELS, torch.zeros(4, dtype=torch.long)) for x in batches]
 
@@ -398,6 +420,25 @@ def test_cuda_train_one_epoch_and_evaluate() -> None:
         tiny, q_loader, g_loader, amp="bf16" if torch.cuda.is_bf16_supported() else "fp16"
     )
     assert half.mAP == pytest.approx(on_cpu.mAP, abs=0.05)
+
+
+@pytest.mark.cuda
+@CUDA
+def test_cuda_compiled_step_replays_cuda_graphs() -> None:
+    model = small().cuda()
+    criterion = LAGNetLoss(5, model.attention_dim).cuda()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True, fused=True)
+    step = TrainStep(
+        model, criterion, optimizer, amp=default_amp("cuda"), channels_last=True, compile=True
+    )
+    assert step.cuda_graphs and step.compile_options["mode"] == "reduce-overhead"
+    results = [step(images(i % 2), LABELS) for i in range(6)]  # warm-up, record, replays
+    losses = torch.stack([r.loss for r in results]).cpu()  # the first are still readable
+    assert torch.isfinite(losses).all()
+    assert len(set(losses.tolist())) > 1  # each result is its own step's, not the last one's
+    assert results[0].components["triplet"].device.type == "cuda"
+    means = train_one_epoch(step, loader_of([images(i) for i in range(4)]), progress=False)
+    assert all(v == v and abs(v) < float("inf") for v in means.values())
 
 
 def run_benchmark(name: str, *args: str) -> list[str]:

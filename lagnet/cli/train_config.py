@@ -139,7 +139,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["bf16", "fp16", "off"],
         help="mixed precision (default: bf16 on a capable GPU, off on the CPU)",
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training step (CUDA graphs on a GPU)",
+    )
     p.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,

@@ -280,8 +280,8 @@ def re_ranking(
 
     Returns:
         ``(Q, G)`` float32 re-ranked distances: a NumPy array, or a tensor on ``q_g_dist``'s
-        device when ``q_g_dist`` is a tensor. CUDA tensors are re-ranked on their device (the
-        neighbour search and the final distances; the sparse steps run on the host).
+        device when ``q_g_dist`` is a tensor. CUDA tensors are re-ranked on their device, the
+        sparse steps included.
     """
     if isinstance(q_g_dist, torch.Tensor) and q_g_dist.device.type != "cpu":
         tensors = (

@@ -7,7 +7,8 @@ divided by the largest squared distance of each item). What changes is where the
 from: the ``N = Q + G`` items' nearest neighbours are found with an exact k-nearest-neighbour
 search over blocks of rows of the (never stored) ``(N, N)`` distance matrix, on the features'
 device; the sparse steps (reciprocal sets, weights, query expansion, Jaccard overlaps) run on
-the host; the re-ranked ``(Q, G)`` distances are produced a block of queries at a time.
+the host for CPU features and with torch on the GPU for CUDA features; the re-ranked
+``(Q, G)`` distances are produced a block of queries at a time.
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ def re_ranking_features(
     (equal within about 1e-6: the two compute the same distances with different matrix
     products), without ever holding an ``(N, N)`` or ``(Q, G)`` matrix: memory is about the
     features, ``(Q + G) * max(k1 + 1, k2)`` neighbour indices, the sparse reciprocal sets, and
-    ``chunk_size x (Q + G)`` distances at a time. Runs on the features' device (or ``device``);
-    the sparse steps run on the host.
+    ``chunk_size x (Q + G)`` distances at a time. Runs on the features' device (or ``device``),
+    the sparse steps included (on the host for the CPU).
 
     Args:
         query_features: ``(Q, D)`` floating-point tensor.

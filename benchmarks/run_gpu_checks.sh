@@ -34,7 +34,7 @@ step cuda_tests 120 "$py" -m pytest -q -p no:cacheprovider -m cuda tests
 step losses_conformance 60 "$py" -m pytest -q -p no:cacheprovider tests/test_losses.py \
     tests/test_conformance.py tests/test_kreciprocal_device.py
 step bench_gpu_eval 60 "$py" benchmarks/bench_gpu_eval.py "${smoke[@]}"
-step bench_gpu 300 "$py" benchmarks/bench_gpu.py "${smoke[@]}" --json "$out/bench_gpu.json" \
+step bench_gpu 400 "$py" benchmarks/bench_gpu.py "${smoke[@]}" --json "$out/bench_gpu.json" \
     --profile "$out/profile.txt"
 step train_cli 60 "$py" -m lagnet train --preset demo --epochs 2 --device "$device" \
     --output "$(mktemp -d)/run" --no-progress

@@ -9,6 +9,7 @@ bit differently, so the results agree with the host's to about 1e-7, not bit for
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 
 import torch
@@ -150,8 +151,6 @@ class DeviceSparseJaccard:
 
     def blocks(self, start: int, stop: int) -> Iterator[tuple[int, int]]:
         """Split queries ``start:stop`` into ranges of bounded work (rows and overlap pairs)."""
-        import bisect
-
         max_rows = max(1, self.block // self.num_gallery)
         s = start
         while s < stop:

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import numpy as np
-import numpy.typing as npt
 import torch
 
 from . import _kreciprocal_device as device_steps
@@ -200,13 +199,14 @@ class TorchReRanker:
             nearest_original[s : s + step] = sq.gather(1, columns)
         if sparse_on_device is None:
             sparse_on_device = device.type == "cuda"
+        # 2. expanded reciprocal sets, their weights and the query expansion, sparse: with
+        # torch on the device, or with NumPy on the host
         self.jaccard: SparseJaccard | DeviceSparseJaccard
         if sparse_on_device:
-            # 2. the same sparse steps with torch, without leaving the device
             block = _shared.BLOCK_ELEMENTS * (_DEVICE_BLOCK_FACTOR if device.type == "cuda" else 1)
             nearest_k = nearest[:, :k].contiguous()
             rows_t, cols_t = device_steps.expanded_sets(nearest_k, k1, block)
-            original_t = self._pair_original_device(rows_t, cols_t, nearest, nearest_original)
+            original_t = self._pair_original(rows_t, cols_t, nearest, nearest_original)
             del nearest, nearest_original
             vals_t = device_steps.gaussian_weights(rows_t, original_t, n)
             if k2 != 1:
@@ -214,24 +214,30 @@ class TorchReRanker:
                     rows_t, cols_t, vals_t, nearest_k, k2, block
                 )
             self.jaccard = DeviceSparseJaccard(rows_t, cols_t, vals_t, nq, ng, block)
-            return
-        known_cols = nearest.cpu().numpy()
-        known_values = nearest_original.cpu().numpy()
-        nearest_np = np.ascontiguousarray(known_cols[:, :k])
-        del nearest, nearest_original
-        # 2. expanded reciprocal sets and their weights, sparse, on the host
-        rows, cols = expanded_sets(nearest_np, k1)
-        original = self._pair_original(rows, cols, known_cols, known_values)
-        vals = gaussian_weights(rows, original, n)
-        if k2 != 1:
-            rows, cols, vals = query_expansion(rows, cols, vals, nearest_np, k2)
-        self.jaccard = SparseJaccard(rows, cols, vals, nq, ng)
+        else:
+            known_cols, known_values = nearest.cpu(), nearest_original.cpu()
+            nearest_np = np.ascontiguousarray(known_cols[:, :k].numpy())
+            del nearest, nearest_original
+            rows, cols = expanded_sets(nearest_np, k1)
+            original = self._pair_original(
+                torch.from_numpy(rows), torch.from_numpy(cols), known_cols, known_values
+            ).numpy()
+            del known_cols, known_values
+            vals = gaussian_weights(rows, original, n)
+            if k2 != 1:
+                rows, cols, vals = query_expansion(rows, cols, vals, nearest_np, k2)
+            self.jaccard = SparseJaccard(rows, cols, vals, nq, ng)
 
-    def _pair_original_device(
-        self, rows: torch.Tensor, cols: torch.Tensor, known_cols: torch.Tensor,
+    def _pair_original(
+        self,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        known_cols: torch.Tensor,
         known_values: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
-        """:meth:`_pair_original` with tensors on the source's device."""
+    ) -> torch.Tensor:
+        """``original[rows, cols]`` (float32, on the device of ``rows``): looked up in
+        ``known_*`` (``(N, K)`` columns and values of each row, on that device too), or
+        computed by the source on its device."""
         n = known_cols.shape[0]
         arange = torch.arange(n, dtype=torch.int64, device=known_cols.device)
         known_keys = (arange[:, None] * n + known_cols).reshape(-1)
@@ -242,37 +248,12 @@ class TorchReRanker:
         out = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
         out[found] = known_values.reshape(-1)[by_key[at[found]]]
         missing = (~found).nonzero().squeeze(1)
-        for a in range(0, missing.numel(), _PAIR_CHUNK * _DEVICE_BLOCK_FACTOR):
-            chunk = missing[a : a + _PAIR_CHUNK * _DEVICE_BLOCK_FACTOR]
-            i, j = rows[chunk], cols[chunk]
-            out[chunk] = self.source.pairs(i, j) / self.col_max[i]
-        return out
-
-    def _pair_original(
-        self,
-        rows: npt.NDArray[np.int64],
-        cols: npt.NDArray[np.int64],
-        known_cols: npt.NDArray[np.int64],
-        known_values: npt.NDArray[np.float32],
-    ) -> npt.NDArray[np.float32]:
-        """``original[rows, cols]`` (float32): looked up in ``known_*`` (``(N, K)`` columns and
-        values of each row), or computed by the source."""
-        n = known_cols.shape[0]
-        known_keys = (np.arange(n, dtype=np.int64)[:, None] * n + known_cols).reshape(-1)
-        by_key = np.argsort(known_keys)
-        sorted_keys = known_keys[by_key]
-        keys = rows * n + cols
-        at = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
-        found = sorted_keys[at] == keys
-        out = np.empty(rows.size, dtype=np.float32)
-        out[found] = known_values.reshape(-1)[by_key[at[found]]]
-        missing = np.flatnonzero(~found)
         device = self.source.device
-        for a in range(0, missing.size, _PAIR_CHUNK):
-            chunk = missing[a : a + _PAIR_CHUNK]
-            i = torch.from_numpy(rows[chunk]).to(device)
-            j = torch.from_numpy(cols[chunk]).to(device)
-            out[chunk] = (self.source.pairs(i, j) / self.col_max[i]).cpu().numpy()
+        chunk_size = _PAIR_CHUNK * (_DEVICE_BLOCK_FACTOR if device.type == "cuda" else 1)
+        for a in range(0, missing.numel(), chunk_size):
+            chunk = missing[a : a + chunk_size]
+            i, j = rows[chunk].to(device), cols[chunk].to(device)
+            out[chunk] = (self.source.pairs(i, j) / self.col_max[i]).to(out.device)
         return out
 
     def rows(self, start: int, stop: int) -> torch.Tensor:

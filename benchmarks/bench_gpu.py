@@ -323,7 +323,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     reference: torch.Tensor | None = None
     base_train = base_eval = 1.0
     result: dict[str, Any] = {"device": name, "torch": torch.__version__, "rows": rows}
-    failed = []
+    failed: list[str] = []
+
+    def save() -> None:  # after every setting, so a run cut short keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({**result, "failed": failed}, f, indent=1)
+
     for setting in chosen:
         try:
             with tf32(False):
@@ -337,6 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
             traceback.print_exc()
             print(f"{setting.name:18s} FAILED: {type(exc).__name__}: {exc}"[:300], flush=True)
             failed.append(setting.name)
+            save()
             continue
         if curve:
             curves[setting.name] = curve
@@ -355,12 +362,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
         if len(curves) == 2 and "curves" not in result:  # printed as soon as both ran
             result["curves"] = curves
             result["curve_gap"] = print_curves(curves, window=max(1, min(10, curve_steps)))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        save()
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
     return rows

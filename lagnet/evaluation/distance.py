@@ -62,6 +62,29 @@ def check_metric(metric: object) -> Metric:
     return "cosine" if name == "cosine" else "sqeuclidean" if name == "sqeuclidean" else "euclidean"
 
 
+def check_query_gallery(
+    query_features: object, gallery_features: object, metric: object, chunk_size: object
+) -> tuple[torch.Tensor, torch.Tensor, torch.dtype, Metric, int]:
+    """The checks every evaluation from features starts with: float ``(Q, D)`` / ``(G, D)``
+    tensors of one dimension and device, a known ``metric``, neither set empty. Returns
+    ``(qf, gf, dtype, metric, step)``, ``step`` being ``chunk_size`` (default 1024) rounded up
+    to a multiple of :data:`DEFAULT_BLOCK_ROWS`."""
+    qf = check_features(query_features, "query_features")
+    gf = check_features(gallery_features, "gallery_features")
+    dtype = check_pair(qf, gf, "query_features", "gallery_features")
+    name = check_metric(metric)
+    if qf.shape[0] == 0:
+        raise ValueError(f"empty query set: query_features has shape {tuple(qf.shape)}")
+    if gf.shape[0] == 0:
+        raise ValueError(f"empty gallery: gallery_features has shape {tuple(gf.shape)}")
+    step = (
+        4 * DEFAULT_BLOCK_ROWS
+        if chunk_size is None
+        else check_positive_int(chunk_size, "chunk_size")
+    )
+    return qf, gf, dtype, name, -(-step // DEFAULT_BLOCK_ROWS) * DEFAULT_BLOCK_ROWS
+
+
 class DistanceBlocks:
     """Computes row blocks ``(B, M)`` of the distance matrix between ``x`` and a fixed ``y``
     ``(M, D)``."""

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from lagnet._validation import check_positive_int
-
 from ._accumulate import make_accumulator
+from ._kreciprocal import check_rerank_params
 from ._shared import CmcMode, IdsLike
 from .distance import (
     DEFAULT_BLOCK_ROWS,
     DistanceBlocks,
     Metric,
-    check_features,
     check_finite_features,
-    check_metric,
-    check_pair,
+    check_query_gallery,
 )
-from .rerank_features import iter_re_ranking_features
+from .rerank_features import rerank_blocks
 from .result import RankResult
 
 __all__ = ["evaluate_features"]
@@ -71,20 +68,9 @@ def evaluate_features(
     Raises:
         TypeError / ValueError: bad features (NaN or inf entries named as such), ids or options.
     """
-    qf = check_features(query_features, "query_features")
-    gf = check_features(gallery_features, "gallery_features")
-    dtype = check_pair(qf, gf, "query_features", "gallery_features")
-    metric = check_metric(metric)
-    if qf.shape[0] == 0:
-        raise ValueError(f"empty query set: query_features has shape {tuple(qf.shape)}")
-    if gf.shape[0] == 0:
-        raise ValueError(f"empty gallery: gallery_features has shape {tuple(gf.shape)}")
-    step = (
-        4 * DEFAULT_BLOCK_ROWS
-        if chunk_size is None
-        else check_positive_int(chunk_size, "chunk_size")
+    qf, gf, dtype, metric, step = check_query_gallery(
+        query_features, gallery_features, metric, chunk_size
     )
-    step = -(-step // DEFAULT_BLOCK_ROWS) * DEFAULT_BLOCK_ROWS
     num_query, num_gallery = qf.shape[0], gf.shape[0]
     acc = make_accumulator(
         num_query,
@@ -102,9 +88,8 @@ def evaluate_features(
     check_finite_features(qf, "query_features")
     check_finite_features(gf, "gallery_features")
     if rerank:
-        blocks = iter_re_ranking_features(
-            qf, gf, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric, chunk_size=step
-        )
+        k1, k2, lambda_value = check_rerank_params(k1, k2, lambda_value, num_query, num_gallery)
+        blocks = rerank_blocks(qf.detach(), gf.detach(), k1, k2, lambda_value, metric, dtype, step)
         for start, dist in blocks:
             acc.add(start, dist)
         return acc.result()

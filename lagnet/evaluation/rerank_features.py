@@ -21,14 +21,7 @@ from lagnet._validation import check_positive_int
 
 from ._kreciprocal import check_rerank_params
 from ._kreciprocal_torch import FeatureDistances, TorchReRanker, smallest_stable
-from .distance import (
-    DEFAULT_BLOCK_ROWS,
-    Metric,
-    check_features,
-    check_finite_features,
-    check_metric,
-    check_pair,
-)
+from .distance import Metric, check_finite_features, check_query_gallery
 
 __all__ = ["iter_re_ranking_features", "re_ranking_features"]
 
@@ -52,31 +45,19 @@ def iter_re_ranking_features(
     evaluation or keep what you need of them: memory stays at one block plus the features and
     the sparse neighbour sets.
     """
-    qf = check_features(query_features, "query_features")
-    gf = check_features(gallery_features, "gallery_features")
-    dtype = check_pair(qf, gf, "query_features", "gallery_features")
-    metric = check_metric(metric)
-    num_query, num_gallery = qf.shape[0], gf.shape[0]
-    if num_query == 0:
-        raise ValueError(f"empty query set: query_features has shape {tuple(qf.shape)}")
-    if num_gallery == 0:
-        raise ValueError(f"empty gallery: gallery_features has shape {tuple(gf.shape)}")
-    k1, k2, lambda_value = check_rerank_params(k1, k2, lambda_value, num_query, num_gallery)
-    step = (
-        4 * DEFAULT_BLOCK_ROWS
-        if chunk_size is None
-        else check_positive_int(chunk_size, "chunk_size")
+    qf, gf, dtype, metric, step = check_query_gallery(
+        query_features, gallery_features, metric, chunk_size
     )
-    step = -(-step // DEFAULT_BLOCK_ROWS) * DEFAULT_BLOCK_ROWS
+    k1, k2, lambda_value = check_rerank_params(k1, k2, lambda_value, qf.shape[0], gf.shape[0])
     target = qf.device if device is None else torch.device(device)
     check_finite_features(qf, "query_features")
     check_finite_features(gf, "gallery_features")
-    return _iterate(
+    return rerank_blocks(
         qf.detach().to(target), gf.detach().to(target), k1, k2, lambda_value, metric, dtype, step
     )
 
 
-def _iterate(
+def rerank_blocks(
     qf: torch.Tensor,
     gf: torch.Tensor,
     k1: int,
@@ -86,6 +67,8 @@ def _iterate(
     dtype: torch.dtype,
     step: int,
 ) -> Iterator[tuple[int, torch.Tensor]]:
+    """The blocks of :func:`iter_re_ranking_features` from checked features and parameters
+    (``step`` queries per block, a multiple of ``DEFAULT_BLOCK_ROWS``)."""
     with torch.no_grad():
         source = FeatureDistances(qf, gf, metric, dtype)
         reranker = TorchReRanker(source, k1=k1, k2=k2, lambda_value=lambda_value)

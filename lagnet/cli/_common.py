@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -81,6 +82,18 @@ def check_pattern(pattern: object, flag: str = "--pattern") -> str:
             r"write e.g. '(?P<pid>\d+)_c(?P<camid>\d+)_.*\.jpg'"
         )
     return pattern
+
+
+def add_folder_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--pattern`` and ``--camid-base``, the options of ``--dataset folder``
+    (:func:`load_dataset`)."""
+    parser.add_argument("--pattern", help="--dataset folder: regex with named groups pid and camid")
+    parser.add_argument(
+        "--camid-base",
+        type=int,
+        default=1,
+        help="--dataset folder: the camera number of the first camera (default 1)",
+    )
 
 
 def load_dataset(

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from lagnet._validation import check_nonnegative_int, check_positive_int
 from lagnet.cli._common import (
     ALL_DATASETS,
+    add_folder_dataset_arguments,
     describe_missing,
     load_dataset,
     load_run_model,
@@ -38,13 +39,7 @@ def add_command(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help="a run checkpoint (best.pth or last.pth)")
     p.add_argument("--dataset", required=True, help=f"one of {', '.join(ALL_DATASETS)}")
     p.add_argument("--root", required=True, help="the dataset folder")
-    p.add_argument("--pattern", help="--dataset folder: regex with named groups pid and camid")
-    p.add_argument(
-        "--camid-base",
-        type=int,
-        default=1,
-        help="--dataset folder: the camera number of the first camera (default 1)",
-    )
+    add_folder_dataset_arguments(p)
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
     p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")

@@ -23,7 +23,7 @@ from lagnet._validation import (
     check_positive_int,
 )
 from lagnet.backbones import BACKBONES
-from lagnet.cli._common import ALL_DATASETS, check_pattern
+from lagnet.cli._common import ALL_DATASETS, add_folder_dataset_arguments, check_pattern
 from lagnet.model import VARIANTS
 from lagnet.presets import PRESETS
 from lagnet.runs import resolve_device
@@ -106,13 +106,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dataset", help=f"one of {', '.join(ALL_DATASETS)} (preset default)")
     p.add_argument("--root", help="dataset folder (synthetic: where to write it)")
-    p.add_argument("--pattern", help="--dataset folder: regex with named groups pid and camid")
-    p.add_argument(
-        "--camid-base",
-        type=int,
-        default=1,
-        help="--dataset folder: the camera number of the first camera (default 1)",
-    )
+    add_folder_dataset_arguments(p)
     p.add_argument("--output", help="run folder (default runs/PRESET)")
     p.add_argument("--epochs", type=int, help="number of epochs (a resume may raise it)")
     p.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")

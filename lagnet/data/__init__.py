@@ -1,7 +1,9 @@
-"""Re-ID data: dataset parsers, identity-balanced samplers, transforms, a synthetic dataset."""
+"""Re-ID data: dataset parsers, samplers, transforms, the image cache, a synthetic dataset."""
 
 from __future__ import annotations
 
+from lagnet.data.batch_transform import AugmentDecisions, BatchTransform
+from lagnet.data.cached_loader import CACHE_MODES, CachedLoader, choose_cache
 from lagnet.data.datasets import (
     CUHK03NP,
     DATASET_NAMES,
@@ -16,6 +18,8 @@ from lagnet.data.datasets import (
     build_dataset,
     read_image,
 )
+from lagnet.data.image_cache import ImageCache
+from lagnet.data.loaders import build_loader, default_workers
 from lagnet.data.samplers import DistributedPKSampler, PKSampler
 from lagnet.data.synthetic import (
     MANIFEST_NAME,
@@ -25,6 +29,7 @@ from lagnet.data.synthetic import (
 from lagnet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
 
 __all__ = [
+    "CACHE_MODES",
     "CUHK03NP",
     "DATASET_NAMES",
     "IMAGENET_MEAN",
@@ -32,8 +37,12 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MANIFEST_NAME",
     "MSMT17",
+    "AugmentDecisions",
+    "BatchTransform",
+    "CachedLoader",
     "DistributedPKSampler",
     "DukeMTMCreID",
+    "ImageCache",
     "ImageDataset",
     "Market1501",
     "PKSampler",
@@ -41,8 +50,11 @@ __all__ = [
     "ReIDFolder",
     "ReIDRecord",
     "build_dataset",
+    "build_loader",
     "build_transforms",
+    "choose_cache",
     "color_histogram_features",
+    "default_workers",
     "generate_synthetic_market",
     "read_image",
 ]

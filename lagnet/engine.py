@@ -16,6 +16,7 @@ back once per logging interval.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import Any, NamedTuple, get_args
 
@@ -25,9 +26,16 @@ from torch import Tensor, nn
 from lagnet._progress import progress as progress_bar
 from lagnet._validation import check_positive_int
 from lagnet.evaluation.distance import Metric
-from lagnet.evaluation.extract import AMP_DTYPES, AmpMode, extract_features
+from lagnet.evaluation.extract import (
+    AMP_DTYPES,
+    AmpMode,
+    extract_features,
+    is_records,
+    records_loader,
+)
 from lagnet.evaluation.features import evaluate_features
 from lagnet.evaluation.result import RankResult
+from lagnet.layers._kernels import is_capturing
 from lagnet.losses import LAGNetLoss, check_label_range
 from lagnet.model import LAGNetOutput
 
@@ -98,23 +106,101 @@ class StepResult(NamedTuple):
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite.
+    """The loss became NaN or infinite (the training diverged).
 
     Attributes:
         epoch: the epoch index given to :func:`train_one_epoch`.
         batch: the 0-based index of the first batch whose loss was not finite.
-        value: that loss.
+        value: that loss (NaN when the forward pass itself failed on non-finite values).
+        detail: what was found, when known (e.g. which activations or weights went
+            non-finite), else ``None``.
     """
 
-    def __init__(self, epoch: int, batch: int, value: float) -> None:
+    def __init__(self, epoch: int, batch: int, value: float, *, detail: str | None = None) -> None:
         self.epoch = epoch
         self.batch = batch
         self.value = value
+        self.detail = detail
+        what = f"the loss became {value}" if detail is None else "the training diverged"
+        because = "" if detail is None else f": {detail}"
         super().__init__(
-            f"the loss became {value} at epoch {epoch}, batch {batch} (0-based); the weights "
+            f"{what} at epoch {epoch}, batch {batch} (0-based){because}; the weights "
             "after this batch are not usable: the last checkpoint is the recovery point "
             "(resume from it, perhaps with a lower learning rate)"
         )
+
+
+class _NonFiniteInputError(ValueError):
+    """The input images of a step hold NaN or infinite values (a data problem)."""
+
+
+def _non_finite_input_message(count: int | None, samples: list[int] | None) -> str:
+    where = "" if samples is None else f" in sample(s) {samples[:8]}{' ...' * (len(samples) > 8)}"
+    many = "" if count is None else f"{count} "
+    return (
+        f"the input images hold {many}NaN or infinite values{where}; the data pipeline "
+        "produced them (a model cannot train on them): check the images and the transforms"
+    )
+
+
+def _non_finite_tensor(value: Any) -> bool:
+    """Whether a module output (a tensor, or a tuple / dict of them) holds NaN or inf."""
+    if isinstance(value, Tensor):
+        return value.is_floating_point() and not bool(torch.isfinite(value).all())
+    if isinstance(value, Mapping):
+        return any(_non_finite_tensor(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return any(_non_finite_tensor(v) for v in value)
+    return False
+
+
+def _describe_non_finite(step: TrainStep, images: Tensor, labels: Tensor) -> str | None:
+    """Why a CPU forward pass with finite input images failed, in the user's terms, or ``None``.
+
+    Called only after a step failed: looks for non-finite weights, then replays the forward
+    pass (no gradient, RNG and buffers restored) to name the first module whose output is not
+    finite.
+    """
+    named = [(n, p) for n, p in step.model.named_parameters() if p.is_floating_point()]
+    bad = [n for n, p in named if not bool(torch.isfinite(p).all())]
+    if bad:
+        return (
+            f"the model's weights hold NaN or infinite values ({len(bad)} of {len(named)} "
+            f"tensors, e.g. {bad[0]!r}): an earlier step diverged (lower the learning rate) "
+            "or the weights were loaded broken"
+        )
+    first: list[str] = []
+
+    def hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            if not first and _non_finite_tensor(output):
+                first.append(name)
+
+        return record
+
+    modules = [(n, m) for n, m in step.model.named_modules() if n]
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules]
+    buffers = {n: b.clone() for n, b in step.model.named_buffers()}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            step._forward_loss(images, labels)
+    except Exception:  # the replay fails as the step did; the hooks have seen what we need
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        own = dict(step.model.named_buffers())
+        with torch.no_grad():
+            for n, b in buffers.items():
+                own[n].copy_(b)
+    if not first:
+        return None
+    largest, where = max((float(p.detach().abs().max()), n) for n, p in named if p.numel())
+    return (
+        f"the forward pass produced NaN or infinite activations (first in {first[0]!r}) from "
+        f"finite input images; the largest weight is {largest:.3g} (in {where!r}): an earlier "
+        "step diverged (lower the learning rate)"
+    )
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -124,9 +210,26 @@ def _model_device(model: nn.Module) -> torch.device:
     return first.device
 
 
+def _check_optimizer_owns(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if trainable and not any(id(p) in owned for p in trainable):
+        raise ValueError(
+            f"the optimizer holds none of the model's {len(trainable)} trainable parameters "
+            f"(it holds {len(owned)} other tensor(s)), so the weights would never change; "
+            "build it over model.parameters()"
+        )
+
+
 def _unpack_batch(batch: Any, index: int) -> tuple[Tensor, Tensor]:
     if isinstance(batch, Mapping):
-        images, labels = batch.get("images"), batch.get("pids")
+        missing = [key for key in ("images", "pids") if key not in batch]
+        if missing:
+            raise ValueError(
+                f"batch {index}: a dict batch needs the keys 'images' and 'pids'; it lacks "
+                f"{missing} (its keys: {sorted(map(str, batch))})"
+            )
+        images, labels = batch["images"], batch["pids"]
     elif isinstance(batch, Sequence) and len(batch) >= 2:
         images, labels = batch[0], batch[1]
     else:
@@ -171,6 +274,18 @@ class TrainStep:
         compile_options: the ``torch.compile`` keywords used (empty when not compiled).
         cuda_graphs: whether the step replays CUDA graphs; its results are then copies, so
             they stay valid after the next step.
+        input_finite: ``()`` bool on the device, whether the last step's images were finite
+            (``None`` on the CPU, where a non-finite image raises at once);
+            :func:`train_one_epoch` reads it back with the loss.
+
+    Unusual inputs: an optimizer that holds none of the model's trainable parameters is a
+    ValueError here; a model in eval mode trains with batch-norm running statistics and no
+    drop, which is allowed, with one warning. On the CPU, input images with NaN or infinite
+    values raise a ValueError before the step, and a forward pass that fails on non-finite
+    activations or weights (a diverged training) raises ``FloatingPointError`` naming them
+    (:func:`train_one_epoch` turns it into :class:`NonFiniteLossError`). On a GPU nothing is
+    read back per step: non-finite inputs and losses are reported at the epoch loop's next
+    read-back.
     """
 
     def __init__(
@@ -197,6 +312,7 @@ class TrainStep:
         self.criterion = criterion
         self.optimizer = optimizer
         self.device = _model_device(model)
+        _check_optimizer_owns(optimizer, model)
         centers = criterion.center.centers
         if centers.device != self.device:
             raise ValueError(
@@ -223,6 +339,8 @@ class TrainStep:
             and self.compile_options.get("backend", "inductor") == "inductor"
         )
         self._forward = forward
+        self.input_finite: Tensor | None = None
+        self._warned_eval = False
 
     def _forward_loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         dtype = AMP_DTYPES[self.amp] if self.amp is not None else None
@@ -240,8 +358,17 @@ class TrainStep:
     def _prepare(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         if labels.device.type == "cpu":  # free on the CPU; on the device it would be a sync
             check_label_range(labels, self.num_classes)
+        self.input_finite = None
+        if self.device.type == "cpu" and images.is_floating_point():  # free: no device sync
+            finite = torch.isfinite(images).flatten(1).all(dim=1)
+            if not bool(finite.all()):
+                count = int((~torch.isfinite(images)).sum())
+                samples = torch.nonzero(~finite).flatten().tolist()
+                raise _NonFiniteInputError(_non_finite_input_message(count, samples))
         fmt = torch.channels_last if self.channels_last else torch.preserve_format
         images = images.to(self.device, non_blocking=True, memory_format=fmt)
+        if self.device.type != "cpu" and images.is_floating_point():  # read back by the epoch
+            self.input_finite = torch.isfinite(images).all()
         return images, labels.to(self.device, non_blocking=True)
 
     def __call__(self, images: Tensor, labels: Tensor) -> StepResult:
@@ -251,10 +378,27 @@ class TrainStep:
                 f"images and labels must be tensors, got {type(images).__name__} and "
                 f"{type(labels).__name__}"
             )
+        if not self.model.training and not self._warned_eval:
+            self._warned_eval = True
+            warnings.warn(
+                "TrainStep: the model is in eval mode, so it trains with batch-norm running "
+                "statistics and without drop; call model.train() unless this is deliberate "
+                "(said once)",
+                UserWarning,
+                stacklevel=2,
+            )
         images, labels = self._prepare(images, labels)
         if self.cuda_graphs:  # a new step: the graphs' previous outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
-        loss, components = self._forward(images, labels)
+        try:
+            loss, components = self._forward(images, labels)
+        except Exception as err:
+            if self.device.type != "cpu" or is_capturing():
+                raise
+            detail = _describe_non_finite(self, images, labels)
+            if detail is None:
+                raise
+            raise FloatingPointError(detail) from err
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
@@ -316,8 +460,12 @@ def train_one_epoch(
 
     Raises:
         NonFiniteLossError: at the read-back after the first batch whose loss was NaN or
-            infinite (or when a later step fails), naming that batch.
-        ValueError: the loader yielded no batches.
+            infinite (or when a later step fails), naming that batch; on the CPU also when a
+            step's forward pass fails on non-finite activations or weights (a diverged
+            training), naming the batch and what went non-finite.
+        ValueError: the loader yielded no batches, a dict batch lacks ``"images"`` or
+            ``"pids"``, or a batch's input images hold NaN or infinite values (named by epoch
+            and batch: at once on the CPU, at the next read-back on a GPU).
     """
     if not isinstance(step, TrainStep):
         raise TypeError(f"step must be a TrainStep, got {type(step).__name__}")
@@ -329,6 +477,7 @@ def train_one_epoch(
     step.criterion.train()
     sums = torch.zeros(len(TERMS), device=where)
     first_bad = torch.full((), -1, dtype=torch.int64, device=where)
+    first_bad_input = torch.full((), -1, dtype=torch.int64, device=where)
     bad_value = torch.zeros((), device=where)
     total = len(loader) if isinstance(loader, Sized) else None
     bar = progress_bar(
@@ -341,8 +490,15 @@ def train_one_epoch(
         bad = int(first_bad.item())
         return NonFiniteLossError(epoch, bad, float(bad_value.item())) if bad >= 0 else None
 
+    def bad_input() -> ValueError | None:
+        bad = int(first_bad_input.item())
+        loss_bad = int(first_bad.item())
+        if bad < 0 or 0 <= loss_bad < bad:
+            return None
+        return ValueError(f"epoch {epoch}, batch {bad}: {_non_finite_input_message(None, None)}")
+
     def read_back() -> list[float]:
-        error = non_finite()
+        error: Exception | None = bad_input() or non_finite()
         if error is not None:
             raise error
         return [float(v) for v in sums.tolist()]
@@ -352,18 +508,25 @@ def train_one_epoch(
             images, labels = _unpack_batch(batch, index)
             try:
                 result = step(images, labels)
+            except _NonFiniteInputError as err:
+                raise ValueError(f"epoch {epoch}, batch {index}: {err}") from None
             except Exception as err:
                 # weights spoilt by an earlier non-finite loss can fail a later step (e.g. NaN
                 # attention maps are refused on the CPU): report the loss, the first cause
-                error = non_finite()
+                error: Exception | None = bad_input() or non_finite()
                 if error is not None:
                     raise error from err
+                if isinstance(err, FloatingPointError):  # diverged on the CPU: as a NaN loss
+                    raise NonFiniteLossError(epoch, index, float("nan"), detail=str(err)) from err
                 raise
             terms = torch.stack([result.loss, *(result.components[k] for k in TERMS[1:])])
             terms = terms.to(where, torch.float32)
             sums += terms
             new_bad = (first_bad < 0) & ~torch.isfinite(terms[0])
             first_bad = torch.where(new_bad, index, first_bad)
+            if step.input_finite is not None:
+                new_bad_input = (first_bad_input < 0) & ~step.input_finite.to(where)
+                first_bad_input = torch.where(new_bad_input, index, first_bad_input)
             bad_value = torch.where(new_bad, terms[0], bad_value)
             count += 1
             if count - read_at >= log_every:
@@ -393,6 +556,9 @@ def evaluate(
     amp: AmpMode | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    input_size: tuple[int, int] | None = None,
+    cache: str = "auto",
+    batch_size: int = 64,
 ) -> RankResult:
     """Embed the query and gallery sets and rank them (CMC, mAP, mINP).
 
@@ -404,20 +570,39 @@ def evaluate(
     Args:
         model: maps ``(B, 3, H, W)`` images to ``(B, D)`` embeddings in eval mode (a
             ``DistributedDataParallel`` wrapper is unwrapped).
-        query_loader, gallery_loader: batches ``(images, pids, camids, ...)``.
+        query_loader, gallery_loader: batches ``(images, pids, camids, ...)``, or the
+            records of the splits (``dataset.query``, ``dataset.gallery``), both decoded with
+            the test preset at ``input_size`` before any embedding, as ``cache`` says
+            (:func:`lagnet.data.build_loader`).
         flip: add the embedding of the mirrored image.
         metric: ``"euclidean"``, ``"sqeuclidean"`` or ``"cosine"``.
         rerank: k-reciprocal re-ranking.
         amp: ``"bf16"``, ``"fp16"`` or ``None``.
         device: default: the model's device.
         progress: tqdm bars while embedding.
+        input_size: ``(H, W)`` of the records (required with records).
+        cache: with records: ``"auto"``, ``"device"``, ``"host"`` or ``"off"``.
+        batch_size: with records: images per batch.
     """
     amp = _check_amp(amp)
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
+    loaders = [
+        records_loader(
+            split,
+            input_size,
+            cache,
+            batch_size,
+            _model_device(model) if device is None else torch.device(device),
+            progress,
+        )
+        if is_records(split)
+        else split
+        for split in (query_loader, gallery_loader)
+    ]  # records: both splits decoded (every unreadable image named) before any embedding
     features = [
         extract_features(model, loader, flip=flip, device=device, amp=amp, progress=progress)
-        for loader in (query_loader, gallery_loader)
+        for loader in loaders
     ]
     q, g = features
     return evaluate_features(

@@ -299,8 +299,12 @@ def test_non_finite_loss_names_the_exact_batch_at_the_next_read_back(frozen: boo
 
     model, criterion, step = make_step()
     if frozen:  # the NaN gradients never reach the weights: later steps run normally
-        dummy = torch.zeros(1, requires_grad=True)
-        step = TrainStep(model, criterion, torch.optim.SGD([dummy], lr=0.1))
+
+        class Frozen(torch.optim.SGD):  # owns the weights (TrainStep checks) but never steps
+            def step(self, closure: Any = None) -> None:
+                return None
+
+        step = TrainStep(model, criterion, Frozen(model.parameters(), lr=0.1))
     calls = []
 
     def poison(module: nn.Module, args: Any, out: Any) -> Any:
@@ -315,7 +319,11 @@ def test_non_finite_loss_names_the_exact_batch_at_the_next_read_back(frozen: boo
     # detected on the device, read back after 4 batches; with NaN weights batch 3 already
     # fails (NaN attention maps are refused on the CPU), and the error still names batch 2
     assert consumed == [0, 1, 2, 3]
-    assert isinstance(err.__cause__, ValueError) is not frozen
+    # the failing step names the NaN weights (FloatingPointError), caused by the layer's check
+    assert isinstance(err.__cause__, FloatingPointError) is not frozen
+    if not frozen:
+        assert "the model's weights hold NaN or infinite values" in str(err.__cause__)
+        assert isinstance(err.__cause__.__cause__, ValueError)
     assert "at epoch 7, batch 2" in str(err) and "last checkpoint is the recovery point" in str(err)
     assert isinstance(err, RuntimeError)
 

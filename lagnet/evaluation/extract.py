@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -75,7 +76,10 @@ def _unpack(batch: Any, batch_index: int) -> tuple[torch.Tensor, Any, Any]:
     if isinstance(batch, Mapping):
         missing = [key for key in ("images", "pids", "camids") if key not in batch]
         if missing:
-            raise ValueError(f"batch {batch_index}: dict batch is missing keys {missing}")
+            raise ValueError(
+                f"batch {batch_index}: a dict batch needs the keys 'images', 'pids' and "
+                f"'camids'; it lacks {missing} (its keys: {sorted(map(str, batch))})"
+            )
         images, pids, camids = batch["images"], batch["pids"], batch["camids"]
     elif isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
         if len(batch) < 3:
@@ -92,6 +96,45 @@ def _unpack(batch: Any, batch_index: int) -> tuple[torch.Tensor, Any, Any]:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"batch {batch_index}: images must be a (B, C, H, W) tensor, got {shape}")
     return images, pids, camids
+
+
+def is_records(value: object) -> bool:
+    """True when ``value`` is a non-empty sequence of ``(path, pid, camid)`` records."""
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)) or not value:
+        return False
+    first = value[0]
+    return (
+        isinstance(first, tuple) and len(first) == 3 and isinstance(first[0], (str, os.PathLike))
+    )
+
+
+def records_loader(
+    records: Sequence[Any],
+    input_size: tuple[int, int] | None,
+    cache: str,
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+) -> Iterable[Any]:
+    """The test-preset loader of ``records`` (:func:`lagnet.data.build_loader`)."""
+    from lagnet.data.loaders import build_loader  # lagnet.data is not needed otherwise
+
+    if input_size is None:
+        raise ValueError("input_size=(H, W) is required to read records (path, pid, camid)")
+    if not isinstance(input_size, (tuple, list)) or len(input_size) != 2:
+        raise TypeError(f"input_size must be a (height, width) pair, got {input_size!r}")
+    height, width = input_size
+    return build_loader(
+        records,
+        height,
+        width,
+        train=False,
+        batch_size=batch_size,
+        cache=cache,
+        device=device,
+        progress=progress,
+        log=print if progress else None,
+    )
 
 
 def _embed(model: nn.Module, images: torch.Tensor, flip: bool, batch_index: int) -> torch.Tensor:
@@ -127,6 +170,9 @@ def extract_features(
     amp: bool | AmpMode | None = False,
     progress: bool = True,
     channels_last: bool = False,
+    input_size: tuple[int, int] | None = None,
+    cache: str = "auto",
+    batch_size: int = 64,
 ) -> Features:
     """Embed every image of ``loader`` with ``model``.
 
@@ -139,6 +185,10 @@ def extract_features(
         model: any module mapping ``(B, 3, H, W)`` images to ``(B, D)`` embeddings.
         loader: iterable of ``(images, pids, camids)`` tuples (extra items are ignored) or
             dicts with keys ``"images"``, ``"pids"``, ``"camids"``; images ``(B, C, H, W)``.
+            Or the records of a split (``(path, pid, camid)`` per image, e.g.
+            ``dataset.query``), read with the test preset at ``input_size`` by
+            :func:`lagnet.data.build_loader` (``cache``, ``batch_size``). A
+            :class:`~lagnet.data.CachedLoader`'s batches, already on ``device``, are not copied.
         flip: add the embedding of the horizontally flipped image (width dimension) to that of
             the image; the images and their mirrors run as one batch of ``2B``.
         normalize: L2-normalise each (summed) embedding.
@@ -150,6 +200,10 @@ def extract_features(
         progress: show a tqdm progress bar when tqdm is installed.
         channels_last: feed the images in ``torch.channels_last`` memory format (convert the
             model with ``model.to(memory_format=torch.channels_last)`` yourself).
+        input_size: ``(H, W)`` the records are resized to (required with records).
+        cache: with records: ``"auto"``, ``"device"``, ``"host"`` or ``"off"`` (see
+            :func:`lagnet.data.build_loader`).
+        batch_size: with records: images per batch.
 
     Returns:
         :class:`Features` with ``(N, D)`` float32 embeddings and ``(N,)`` int64 ids/cameras,
@@ -164,6 +218,8 @@ def extract_features(
     else:
         run_device = torch.device(device)
     precision = autocast(run_device, amp)  # validates amp before any work
+    if is_records(loader):
+        loader = records_loader(loader, input_size, cache, batch_size, run_device, progress)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     feats: list[torch.Tensor] = []

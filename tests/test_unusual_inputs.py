@@ -1,0 +1,145 @@
+"""Unusual inputs of issue 16 section 3 and 4: each gives a clear error, a warning, or documented
+behaviour (engine, CLI, retrieval, images, checkpoints)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from lagnet import LAGNet, LAGNetLoss, build_lagnet
+from lagnet.engine import NonFiniteLossError, TrainStep, _describe_non_finite, train_one_epoch
+from lagnet.evaluation import extract_features
+
+LABELS = torch.tensor([0, 0, 1, 1])
+
+
+def small() -> LAGNet:
+    torch.manual_seed(0)
+    return build_lagnet(5, backbone="resnet18", num_attentions=4).train()
+
+
+def images(seed: int, n: int = 4) -> torch.Tensor:
+    return torch.randn(n, 3, 64, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def make_step(
+    model: LAGNet | None = None, *, lr: float = 1e-4, adam: bool = False
+) -> tuple[LAGNet, TrainStep]:
+    model = small() if model is None else model
+    criterion = LAGNetLoss(5, model.attention_dim)
+    opt_class = torch.optim.Adam if adam else torch.optim.SGD
+    optimizer = opt_class(model.parameters(), lr=lr)
+    return model, TrainStep(model, criterion, optimizer)
+
+
+def one_error_line(err: str, expected: str) -> None:
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"lagnet: error: {expected}"), lines[0]
+    assert "Traceback" not in err
+
+
+# --- the engine: diverging training, non-finite inputs, optimizer, eval mode, dict batches ----
+
+
+def test_diverging_training_stops_as_a_non_finite_loss_naming_the_batch() -> None:
+    # lr=1e30: batch 0's loss is finite, its update makes the weights ~1e30 (still finite), and
+    # batch 1's forward pass overflows. The CPU names it (a GPU sees a NaN loss at batch 1).
+    _, step = make_step(lr=1e30, adam=True)
+    batches = [(images(i), LABELS) for i in range(3)]
+    with pytest.raises(NonFiniteLossError) as info:
+        train_one_epoch(step, batches, epoch=3, log_every=1, progress=False)
+    err = info.value
+    assert (err.epoch, err.batch) == (3, 1) and err.value != err.value  # NaN
+    assert err.detail is not None
+    assert str(err).startswith("the training diverged at epoch 3, batch 1 (0-based): ")
+    assert "the forward pass produced NaN or infinite activations (first in 'stem." in str(err)
+    assert "from finite input images; the largest weight is 1e+30" in str(err)
+    assert "attention_maps" not in str(err)
+
+
+def test_diverged_train_step_alone_raises_floating_point_error() -> None:
+    model, step = make_step(lr=1e30, adam=True)
+    assert torch.isfinite(step(images(0), LABELS).loss)
+    with pytest.raises(FloatingPointError, match="produced NaN or infinite activations"):
+        step(images(1), LABELS)
+    # the diagnosis replays the forward pass without touching the RNG or the BN statistics
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    rng = torch.get_rng_state()
+    detail = _describe_non_finite(step, images(1), LABELS)
+    assert detail is not None and "(first in 'stem." in detail
+    assert torch.equal(torch.get_rng_state(), rng)
+    for name, value in model.named_buffers():
+        torch.testing.assert_close(value, buffers[name], rtol=0, atol=0, equal_nan=True)
+
+
+def test_non_finite_weights_are_named() -> None:
+    model, step = make_step()
+    with torch.no_grad():
+        model.stem[0].weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(FloatingPointError) as info:
+        step(images(0), LABELS)
+    assert str(info.value).startswith(
+        "the model's weights hold NaN or infinite values (1 of 168 tensors, e.g. 'stem.0.weight')"
+    )
+
+
+def test_nan_input_image_is_named_as_an_input_and_changes_nothing() -> None:
+    model, step = make_step(lr=0.1)
+    bad = images(1)
+    bad[2, 0, 3, 3] = float("nan")
+    bad[2, 1, 0, 0] = float("inf")
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError) as info:
+        step(bad, LABELS)
+    assert str(info.value).startswith(
+        "the input images hold 2 NaN or infinite values in sample(s) [2]; "
+    )
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(ValueError, match=r"^epoch 4, batch 1: the input images hold 2 NaN"):
+        train_one_epoch(step, [(images(0), LABELS), (bad, LABELS)], epoch=4, progress=False)
+
+
+def test_optimizer_that_does_not_own_the_model_is_refused() -> None:
+    model = small()
+    other = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError) as info:
+        TrainStep(model, LAGNetLoss(5, model.attention_dim), torch.optim.SGD(other.parameters()))
+    assert str(info.value) == (
+        "the optimizer holds none of the model's 168 trainable parameters (it holds 2 other "
+        "tensor(s)), so the weights would never change; build it over model.parameters()"
+    )
+
+
+def test_model_in_eval_mode_warns_once() -> None:
+    model, step = make_step()
+    model.eval()
+    with pytest.warns(UserWarning, match="the model is in eval mode") as record:
+        step(images(0), LABELS)
+        step(images(1), LABELS)
+    assert len([w for w in record if "eval mode" in str(w.message)]) == 1
+    model.train()
+    _, trained = make_step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trained(images(0), LABELS)
+
+
+def test_dict_batches_with_other_keys_name_the_expected_keys() -> None:
+    _, step = make_step()
+    batch = {"img": images(0), "label": LABELS}
+    with pytest.raises(ValueError) as info:
+        train_one_epoch(step, [batch], progress=False)
+    assert str(info.value) == (
+        "batch 0: a dict batch needs the keys 'images' and 'pids'; it lacks ['images', 'pids'] "
+        "(its keys: ['img', 'label'])"
+    )
+    with pytest.raises(ValueError) as info:
+        extract_features(torch.nn.Flatten(), [batch], progress=False)
+    assert str(info.value) == (
+        "batch 0: a dict batch needs the keys 'images', 'pids' and 'camids'; it lacks "
+        "['images', 'pids', 'camids'] (its keys: ['img', 'label'])"
+    )

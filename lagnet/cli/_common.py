@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from lagnet.checkpoint import load_checkpoint
 from lagnet.data import DATASET_NAMES, ReIDDataset, ReIDFolder, build_dataset
 from lagnet.evaluation import RankResult
-from lagnet.model import LAGNet, build_lagnet, load_checked
+from lagnet.model import LAGNet
+from lagnet.pretrained import load_weights, model_from_weights
 
 __all__ = [
     "ALL_DATASETS",
@@ -96,6 +96,35 @@ def add_folder_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--cache``, ``--cache-dir`` and ``--workers``: how images reach the network
+    (:func:`lagnet.data.build_loader`)."""
+    parser.add_argument(
+        "--cache",
+        choices=["auto", "device", "host", "off"],
+        default="auto",
+        help="decode the images once and keep them on the device, in host memory, or not at "
+        "all (off: DataLoader workers); auto: the device if they fit half its free memory, "
+        "else host if they fit half the available RAM, else off (default auto)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        help="keep the decoded images in this folder and reuse them on later runs "
+        "(default: decode every run; under torchrun ~/.cache/lagnet/images, shared by the ranks)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="DataLoader worker processes with --cache off (default: from the usable cores on "
+        "CUDA, 0 on the CPU)",
+    )
+
+
+def cache_log(message: str) -> None:
+    """Print a cache line (its size, a fallback notice) on stderr, keeping stdout for results."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def load_dataset(
     name: str,
     root: str | os.PathLike[str],
@@ -167,26 +196,25 @@ def rank_metrics(result: RankResult) -> dict[str, float]:
 def load_run_model(
     path: str | os.PathLike[str], *, device: torch.device | str = "cpu"
 ) -> tuple[LAGNet, dict[str, Any]]:
-    """Rebuild the eval-mode model of a run checkpoint (``best.pth`` / ``last.pth``).
+    """Rebuild the eval-mode model of ``--weights``: a run checkpoint (``best.pth`` /
+    ``last.pth``), a pretrained folder, or a ``.safetensors`` file with its ``config.json``.
 
-    Returns the model on ``device`` and the recorded model configuration (``MODEL_KEYS``).
+    Returns the model on ``device`` and its recorded configuration: the ``MODEL_KEYS``, the
+    other recorded model arguments, and ``"metrics"`` (or ``None``).
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file is not a lagnet run checkpoint.
+        FileNotFoundError: no such file or folder.
+        ValueError: the weights record no model configuration (a bare state dict).
     """
-    ckpt = load_checkpoint(Path(path).expanduser(), what="weights")
-    meta = ckpt.get("model_config") if isinstance(ckpt, dict) else None
-    if not isinstance(meta, dict) or any(k not in meta for k in MODEL_KEYS):
+    loaded = load_weights(Path(path).expanduser())
+    if loaded.model_args is None or loaded.input_size is None:
         raise ValueError(
-            f"--weights {os.fspath(path)!r} is not a checkpoint of `lagnet train` (it records "
-            "no model configuration); for other weights use lagnet.build_lagnet(..., weights=)"
+            f"--weights {os.fspath(path)!r} records no model configuration or input size: "
+            "pass a run checkpoint of `lagnet train` (best.pth), a pretrained folder "
+            "(model.safetensors + config.json) or a .safetensors file with its config.json; "
+            "for other weights use lagnet.build_lagnet(..., weights=)"
         )
-    model = build_lagnet(
-        int(meta["num_classes"]),
-        backbone=str(meta["backbone"]),
-        variant=meta["variant"],
-        num_attentions=int(meta["num_attentions"]),
-    )
-    load_checked(model, ckpt["model"], source=os.fspath(path))
+    model = model_from_weights(loaded)
+    height, width = loaded.input_size
+    meta = {**loaded.model_args, "height": height, "width": width, "metrics": loaded.metrics}
     return model.to(device).eval(), meta

@@ -8,12 +8,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import DataLoader
 
 from lagnet._io import atomic_write
 from lagnet._validation import check_nonnegative_int, check_positive_int
-from lagnet.cli._common import load_run_model, new_output_path
-from lagnet.data import IMAGE_EXTENSIONS, ImageDataset, build_transforms
+from lagnet.cli._common import add_cache_arguments, cache_log, load_run_model, new_output_path
+from lagnet.data import IMAGE_EXTENSIONS, build_loader
 from lagnet.evaluation import extract_features
 from lagnet.runs import resolve_device
 
@@ -37,7 +36,7 @@ def add_command(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--flip", action="store_true", help="add the flipped image's embedding")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=int, default=0)
+    add_cache_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -75,22 +74,27 @@ def find_images(folder: str | os.PathLike[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Embed and write the ``.npz``; returns the exit code."""
     batch_size = check_positive_int(args.batch_size, "--batch-size")
-    workers = check_nonnegative_int(args.workers, "--workers")
+    workers = None if args.workers is None else check_nonnegative_int(args.workers, "--workers")
     device = resolve_device(args.device)
     output = new_output_path(args.output, overwrite=args.overwrite)
     names = find_images(args.images)
     model, meta = load_run_model(args.weights, device=device)
     root = Path(args.images).expanduser()
-    dataset = ImageDataset(
+    loader = build_loader(
         [(str(root / name), 0, 0) for name in names],
-        build_transforms(int(meta["height"]), int(meta["width"]), train=False),
+        int(meta["height"]),
+        int(meta["width"]),
+        train=False,
+        batch_size=batch_size,
+        cache=args.cache,
+        device=device,
+        workers=workers,
+        progress=not args.no_progress,
+        cache_dir=args.cache_dir,
+        log=cache_log,
     )
     feats = extract_features(
-        model,
-        DataLoader(dataset, batch_size=batch_size, num_workers=workers),
-        flip=args.flip,
-        device=device,
-        progress=not args.no_progress,
+        model, loader, flip=args.flip, device=device, progress=not args.no_progress
     )
     buffer = io.BytesIO()
     np.savez(buffer, features=feats.features.numpy().astype(np.float32), paths=np.array(names))

@@ -6,19 +6,19 @@ import argparse
 import json
 import os
 
-from torch.utils.data import DataLoader
-
 from lagnet._validation import check_nonnegative_int, check_positive_int
 from lagnet.cli._common import (
     ALL_DATASETS,
+    add_cache_arguments,
     add_folder_dataset_arguments,
+    cache_log,
     describe_missing,
     load_dataset,
     load_run_model,
     missing_query_ids,
     warn,
 )
-from lagnet.data import ImageDataset, build_transforms
+from lagnet.data import build_loader
 from lagnet.evaluation import evaluate_features, extract_features
 from lagnet.runs import resolve_device
 
@@ -45,7 +45,7 @@ def add_command(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0)
+    add_cache_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -53,7 +53,7 @@ def add_command(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the table (or JSON); returns the exit code."""
     batch_size = check_positive_int(args.batch_size, "--batch-size")
-    workers = check_nonnegative_int(args.workers, "--workers")
+    workers = None if args.workers is None else check_nonnegative_int(args.workers, "--workers")
     device = resolve_device(args.device)
     if not os.path.isfile(os.path.expanduser(args.weights)):
         raise FileNotFoundError(f"--weights {args.weights!r}: no such file")
@@ -67,16 +67,26 @@ def run(args: argparse.Namespace) -> int:
     if note is not None:
         warn(note)
     model, meta = load_run_model(args.weights, device=device)
-    tf = build_transforms(int(meta["height"]), int(meta["width"]), train=False)
-    feats = [
-        extract_features(
-            model,
-            DataLoader(ImageDataset(records, tf), batch_size=batch_size, num_workers=workers),
-            flip=not args.no_flip,
+    show = not args.no_progress and not args.json
+    loaders = [
+        build_loader(
+            records,
+            int(meta["height"]),
+            int(meta["width"]),
+            train=False,
+            batch_size=batch_size,
+            cache=args.cache,
             device=device,
-            progress=not args.no_progress and not args.json,
+            workers=workers,
+            progress=show,
+            cache_dir=args.cache_dir,
+            log=cache_log,
         )
         for records in (data.query, data.gallery)
+    ]  # both splits decoded (and every unreadable image named) before any embedding
+    feats = [
+        extract_features(model, loader, flip=not args.no_flip, device=device, progress=show)
+        for loader in loaders
     ]
     q, g = feats
     result = evaluate_features(

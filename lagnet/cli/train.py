@@ -30,13 +30,14 @@ from lagnet.cli.train_config import (
     TrainConfig,
     add_train_arguments,
     config_from_args,
+    user_cache_dir,
 )
 from lagnet.data import (
+    CachedLoader,
     DistributedPKSampler,
-    ImageDataset,
     PKSampler,
     ReIDDataset,
-    build_transforms,
+    build_loader,
     color_histogram_features,
     generate_synthetic_market,
 )
@@ -115,16 +116,27 @@ class TrainingParts:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     step: Any
     sampler: PKSampler
-    train_loader: DataLoader[Any]
-    query_loader: DataLoader[Any]
-    gallery_loader: DataLoader[Any]
+    train_loader: CachedLoader | DataLoader[Any]
+    query_loader: CachedLoader | DataLoader[Any]
+    gallery_loader: CachedLoader | DataLoader[Any]
 
 
-def build_training(config: TrainConfig, data: ReIDDataset, device: torch.device) -> TrainingParts:
-    """Data loaders, model, loss, Adam (AMSGrad), the learning-rate schedule and the engine step."""
+def build_training(
+    config: TrainConfig,
+    data: ReIDDataset,
+    device: torch.device,
+    log: Callable[[str], object] | None = print,
+) -> TrainingParts:
+    """Data loaders, model, loss, Adam (AMSGrad), the learning-rate schedule and the engine step.
+
+    The splits are read as ``config.cache`` says (:func:`lagnet.data.build_loader`): every image
+    is decoded here, so an unreadable one stops the run before any training. Under torchrun the
+    training split is decoded once per host into ``config.cache_dir`` (default
+    ``~/.cache/lagnet/images``) and memory-mapped by the other ranks; only rank 0 evaluates, so
+    only it caches the query and gallery splits.
+    """
     from lagnet.engine import TrainStep
 
-    train_set = ImageDataset(data.train, build_transforms(config.height, config.width, train=True))
     pids = [r.pid for r in data.train]
     sampler = (
         DistributedPKSampler(pids, config.P, config.K, seed=config.seed)
@@ -132,18 +144,36 @@ def build_training(config: TrainConfig, data: ReIDDataset, device: torch.device)
         else PKSampler(pids, config.P, config.K, seed=config.seed)
     )
     cuda = device.type == "cuda"
-    train_loader = DataLoader(
-        train_set,
-        config.P * config.K,
-        sampler=sampler,
-        num_workers=config.workers,
-        drop_last=True,
-        pin_memory=cuda,
-    )
-    test_tf = build_transforms(config.height, config.width, train=False)
+    shared = dist.is_initialized()
+    cache_dir = config.cache_dir
+    if shared and cache_dir is None:
+        cache_dir = str(user_cache_dir() / "images")
+
+    def loader(records: Any, train: bool, cache: str, batch_size: int) -> Any:
+        return build_loader(
+            records,
+            config.height,
+            config.width,
+            train=train,
+            batch_size=batch_size,
+            sampler=sampler if train else None,
+            cache=cache,
+            device=device,
+            workers=config.workers,
+            progress=config.progress and is_main(),
+            cache_dir=cache_dir if train else config.cache_dir,
+            pin_cache=not shared,
+            log=log if is_main() else None,
+        )
+
+    if shared and not is_main():
+        dist.barrier()  # rank 0 decodes the training split into cache_dir first
+    train_loader = loader(data.train, True, config.cache, config.P * config.K)
+    if shared and is_main():
+        dist.barrier()
+    test_cache = config.cache if is_main() else "off"  # other ranks never iterate them
     query_loader, gallery_loader = (
-        DataLoader(ImageDataset(r, test_tf), batch_size=64, num_workers=config.workers)
-        for r in (data.query, data.gallery)
+        loader(records, False, test_cache, 64) for records in (data.query, data.gallery)
     )
     model = build_lagnet(
         data.num_train_pids,
@@ -406,7 +436,7 @@ def run_training(
             return run_summary(run.checkpoint["state"])
         torch.manual_seed(config.seed)
         data = load_training_data(config, say)
-        parts = build_training(config, data, device)
+        parts = build_training(config, data, device, say)
         state: dict[str, Any] = {"epoch": 0, "history": [], "best_mAP": -1.0, "summary": {}}
         if run.checkpoint is not None:
             state = restore(parts, run.checkpoint, device)

@@ -23,7 +23,13 @@ from lagnet._validation import (
     check_positive_int,
 )
 from lagnet.backbones import BACKBONES
-from lagnet.cli._common import ALL_DATASETS, add_folder_dataset_arguments, check_pattern
+from lagnet.cli._common import (
+    ALL_DATASETS,
+    add_cache_arguments,
+    add_folder_dataset_arguments,
+    check_pattern,
+)
+from lagnet.data import CACHE_MODES
 from lagnet.model import VARIANTS
 from lagnet.presets import PRESETS
 from lagnet.runs import resolve_device
@@ -79,7 +85,9 @@ class TrainConfig:
     warmup: int
     synthetic: str
     device: str
-    workers: int
+    workers: int | None
+    cache: str
+    cache_dir: str | None
     progress: bool
     amp: str
     compile: bool
@@ -126,7 +134,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--ids-per-batch", type=int, dest="P", help="identities per batch (P)")
     p.add_argument("--images-per-id", type=int, dest="K", help="images per identity (K)")
     p.add_argument("--lr", type=float, help="learning rate of Adam")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    add_cache_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--amp",
@@ -146,9 +154,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def user_cache_dir() -> Path:
+    """lagnet's folder in the user's cache: ``$XDG_CACHE_HOME/lagnet`` or ``~/.cache/lagnet``."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lagnet"
+
+
 def _cache_root(synthetic: str) -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lagnet"
-    return cache / f"synthetic-{synthetic}"
+    return user_cache_dir() / f"synthetic-{synthetic}"
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -214,7 +226,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         warmup=check_nonnegative_int(preset["warmup"], "warmup"),
         synthetic=preset["synthetic"],
         device=str(device),
-        workers=check_nonnegative_int(args.workers, "--workers"),
+        workers=None if args.workers is None else check_nonnegative_int(args.workers, "--workers"),
+        cache=check_choice(args.cache, "--cache", CACHE_MODES),
+        cache_dir=None if args.cache_dir is None else str(Path(args.cache_dir).expanduser()),
         progress=not args.no_progress,
         amp=args.amp or "off",
         compile=bool(args.compile),

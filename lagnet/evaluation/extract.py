@@ -6,7 +6,7 @@ import contextlib
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeGuard, get_args
 
 import torch
 import torch.nn.functional as F
@@ -98,14 +98,12 @@ def _unpack(batch: Any, batch_index: int) -> tuple[torch.Tensor, Any, Any]:
     return images, pids, camids
 
 
-def is_records(value: object) -> bool:
+def is_records(value: object) -> TypeGuard[Sequence[Any]]:
     """True when ``value`` is a non-empty sequence of ``(path, pid, camid)`` records."""
     if not isinstance(value, Sequence) or isinstance(value, (str, bytes)) or not value:
         return False
     first = value[0]
-    return (
-        isinstance(first, tuple) and len(first) == 3 and isinstance(first[0], (str, os.PathLike))
-    )
+    return isinstance(first, tuple) and len(first) == 3 and isinstance(first[0], (str, os.PathLike))
 
 
 def records_loader(

@@ -3,7 +3,8 @@
 The top level holds the network and its three stand-alone layers; everything else lives in its
 subpackage: :mod:`lagnet.layers` (all layers and their functional forms), :mod:`lagnet.losses`,
 :mod:`lagnet.data`, :mod:`lagnet.evaluation`, :mod:`lagnet.engine`, :mod:`lagnet.checkpoint`,
-:mod:`lagnet.export`, :mod:`lagnet.viz`.
+:mod:`lagnet.export`, :mod:`lagnet.viz`. Trained models are shared as pretrained folders
+(:func:`save_pretrained`, :func:`from_pretrained`, :mod:`lagnet.pretrained`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from lagnet.layers import BatchAttentionDropBlock, LocalAttentionSystem, MultiGranularityHead
 from lagnet.losses import LAGNetLoss
 from lagnet.model import LAGNet, LAGNetOutput, build_lagnet
+from lagnet.pretrained import from_pretrained, save_pretrained  # safetensors: imported on use
 from lagnet.reference import from_reference
 
 __version__ = "0.1.0.dev0"
@@ -28,7 +30,9 @@ __all__ = [
     "MultiGranularityHead",
     "__version__",
     "build_lagnet",
+    "from_pretrained",
     "from_reference",
+    "save_pretrained",
 ]
 
 # Names that lived at the top level in 0.1.0.dev0: they keep working for one release, with a

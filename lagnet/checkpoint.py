@@ -11,7 +11,13 @@ import torch
 
 from lagnet._io import atomic_write
 
-__all__ = ["load_checkpoint", "load_state_dict_file", "save_checkpoint", "save_json"]
+__all__ = [
+    "load_checkpoint",
+    "load_state_dict_file",
+    "save_checkpoint",
+    "save_json",
+    "state_dict_from",
+]
 
 
 def save_checkpoint(obj: Any, path: str | os.PathLike[str]) -> Path:
@@ -58,7 +64,12 @@ def load_state_dict_file(path: str | os.PathLike[str], *, what: str = "weights")
     Accepts a bare state dict or a checkpoint dict holding one under ``"model"``,
     ``"state_dict"`` or ``"model_state_dict"``.
     """
-    obj = load_checkpoint(path, what=what)
+    return state_dict_from(load_checkpoint(path, what=what), source=str(path), what=what)
+
+
+def state_dict_from(obj: Any, *, source: str, what: str = "weights") -> dict[str, Any]:
+    """The state dict in a loaded checkpoint: ``obj`` itself, or the dict under ``"model"``,
+    ``"state_dict"`` or ``"model_state_dict"``; ``source`` names the file in the error."""
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             inner = obj.get(key)
@@ -67,7 +78,7 @@ def load_state_dict_file(path: str | os.PathLike[str], *, what: str = "weights")
                 break
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise ValueError(
-            f"{what} file {str(path)!r} does not hold a state dict ({type(obj).__name__})"
+            f"{what} file {source!r} does not hold a state dict ({type(obj).__name__})"
         )
     return obj
 

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from lagnet._validation import check_feature_map, check_input_dtype, check_positive_int
 from lagnet.backbones import BACKBONES, BackboneWeights, split_resnet
-from lagnet.checkpoint import load_state_dict_file
 from lagnet.layers.attention import LocalAttentionSystem
 from lagnet.layers.dropblock import BatchAttentionDropBlock
 from lagnet.layers.heads import EmbeddingHead, MultiGranularityHead, ReductionHead
@@ -67,8 +66,10 @@ class LAGNet(nn.Module):
         embed_dim: size of each of the seven embedding heads.
         reduce_dim: size of each reduction (triplet) head.
         drop_threshold: BA-DropBlock threshold in ``(0, 1]``.
-        backbone_weights: path to a local torchvision ResNet state dict (ImageNet weights), or
-            a cached torchvision weights enum; never downloaded.
+        backbone_weights: ImageNet weights of the trunk: a path to a local torchvision ResNet
+            state dict, ``"imagenet"``, or a torchvision weights enum or its name (downloaded
+            once into the torch hub cache, hash-checked; see
+            :func:`lagnet.backbones.build_resnet`).
     """
 
     def __init__(
@@ -221,23 +222,38 @@ class LAGNet(nn.Module):
 
 
 def build_lagnet(
-    num_classes: int, *, weights: str | os.PathLike[str] | None = None, **kwargs: Any
+    num_classes: int | None = None,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
 ) -> LAGNet:
-    """Build a :class:`LAGNet`, optionally loading a lagnet checkpoint.
+    """Build a :class:`LAGNet`, optionally loading lagnet weights strictly.
 
     Args:
-        num_classes: training identities ``N`` (classifier size).
-        weights: path to a lagnet checkpoint (a state dict, or a dict holding one under
-            ``"model"``) to load, strictly; every missing, unexpected or mis-shaped key is named.
+        num_classes: training identities ``N`` (classifier size); may be left out when
+            ``weights`` records it (a pretrained folder or a run checkpoint).
+        weights: lagnet weights in any form (:func:`lagnet.pretrained.load_weights`): a
+            pretrained folder (``model.safetensors`` + ``config.json``), a ``.safetensors``
+            file with its ``config.json`` beside it, a run checkpoint of ``lagnet train``
+            (``best.pth``), or a torch file holding a state dict (bare or under ``"model"``).
+            The model is built from the configuration the weights record; an argument given
+            here that contradicts it is a ValueError. Every missing, unexpected or mis-shaped
+            key is named.
         **kwargs: the keyword arguments of :class:`LAGNet` (``backbone``, ``variant``,
             ``num_attentions``, ``embed_dim``, ``reduce_dim``, ``drop_threshold``,
             ``backbone_weights``), where their defaults live.
     """
-    model = LAGNet(num_classes, **kwargs)
-    if weights is not None:
-        state = load_state_dict_file(weights, what="weights")
-        load_checked(model, state, source=str(weights))
-    return model
+    if weights is None:
+        if num_classes is None:
+            raise TypeError(
+                "build_lagnet needs num_classes, or weights= that record it (a pretrained "
+                "folder or a run checkpoint)"
+            )
+        return LAGNet(num_classes, **kwargs)
+    from lagnet.pretrained import load_weights, model_from_weights
+
+    given = kwargs if num_classes is None else {"num_classes": num_classes, **kwargs}
+    return model_from_weights(load_weights(weights), **given)
 
 
 def load_checked(model: nn.Module, state: dict[str, Tensor], *, source: str) -> None:

@@ -20,7 +20,9 @@ def test_top_level_is_small_and_complete() -> None:
             "MultiGranularityHead",
             "__version__",
             "build_lagnet",
+            "from_pretrained",
             "from_reference",
+            "save_pretrained",
         ]
     )
     for name in lagnet.__all__:

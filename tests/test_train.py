@@ -1,7 +1,10 @@
-"""examples/train.py in its tiny preset: the run, exact resume, NaN stop, DDP, refusals."""
+"""``lagnet train`` in its tiny preset (the run, exact resume, NaN stop, DDP with the shared
+image cache, refusals) and examples/train.py, the loop on the public API."""
 
 from __future__ import annotations
 
+import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -18,12 +21,15 @@ import torch
 
 from lagnet import LAGNetLoss, build_lagnet
 from lagnet.checkpoint import load_checkpoint, save_checkpoint
+from lagnet.cli.train import TrainingStopped, add_train_arguments, config_from_args, run_training
+from lagnet.data import generate_synthetic_market
+from lagnet.presets import SYNTHETIC_SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "train.py"
 
 
-def load_train() -> ModuleType:
+def load_example() -> ModuleType:
     spec = importlib.util.spec_from_file_location("lagnet_example_train", TRAIN)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -31,9 +37,21 @@ def load_train() -> ModuleType:
     return module
 
 
+class LagnetTrain:
+    """``lagnet train ARGV`` in-process: ``main`` returns the run's summary."""
+
+    @staticmethod
+    def main(argv: list[str]) -> dict[str, Any]:
+        parser = argparse.ArgumentParser()
+        add_train_arguments(parser)
+        args = parser.parse_args(argv)
+        config = config_from_args(args)
+        return run_training(config, resume=args.resume, overwrite=args.overwrite)
+
+
 @pytest.fixture(scope="module")
-def train() -> ModuleType:
-    return load_train()
+def train() -> LagnetTrain:
+    return LagnetTrain()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +74,7 @@ def tiny(output: Path, data_root: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_epochs(
-    train: ModuleType, data_root: Path, tmp_path_factory: pytest.TempPathFactory
+    train: LagnetTrain, data_root: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("run2")
     summary = train.main(tiny(out, data_root, "--epochs", "2"))
@@ -82,7 +100,7 @@ def test_main_job_runs_end_to_end(two_epochs: tuple[Path, dict[str, Any]]) -> No
 
 
 def test_resume_is_exact(
-    train: ModuleType, data_root: Path, tmp_path: Path, two_epochs: tuple[Path, dict[str, Any]]
+    train: LagnetTrain, data_root: Path, tmp_path: Path, two_epochs: tuple[Path, dict[str, Any]]
 ) -> None:
     full, _ = two_epochs
     out = tmp_path / "resumed"
@@ -104,7 +122,7 @@ def test_resume_is_exact(
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(
-    train: ModuleType, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    train: LagnetTrain, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "nan"
     train.main(tiny(out, data_root, "--epochs", "1"))
@@ -116,9 +134,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
         return total * float("nan"), parts
 
     monkeypatch.setattr(LAGNetLoss, "forward", broken)
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(TrainingStopped) as info:
         train.main(tiny(out, data_root, "--epochs", "2", "--resume"))
-    assert info.value.code == (
+    assert str(info.value) == (
         f"loss became nan at epoch 2, batch 1; stopping. The last good checkpoint is kept at "
         f"{out / 'last.pth'} (continue with --resume, maybe with a lower --lr)"
     )
@@ -132,11 +150,16 @@ def test_ddp_two_processes_on_cpu(data_root: Path, tmp_path: Path, two_epochs: A
     out = tmp_path / "ddp"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", "29517", str(TRAIN), *tiny(out, data_root, "--epochs", "1"),
+        "--master_port", "29517", "-m", "lagnet", "train", *tiny(out, data_root, "--epochs", "1"),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cache = tmp_path / "xdg"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(cache)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # rank 0 decoded the training split once into the user cache; rank 1 memory-mapped it
+    (cached,) = (cache / "lagnet" / "images").iterdir()
+    assert cached.name.startswith("images-64x32-n32-")
+    assert cached.stat().st_size == 32 * 3 * 64 * 32
     ckpt = load_checkpoint(out / "last.pth")
     assert ckpt["state"]["epoch"] == 1
     model = build_lagnet(8, backbone="resnet18", num_attentions=4, weights=out / "last.pth")
@@ -194,7 +217,7 @@ def test_save_json_is_atomic_and_checked(tmp_path: Path) -> None:
 
 
 def test_rerun_without_resume_is_refused_and_changes_nothing(
-    train: ModuleType, data_root: Path, two_epochs: tuple[Path, dict[str, Any]]
+    train: LagnetTrain, data_root: Path, two_epochs: tuple[Path, dict[str, Any]]
 ) -> None:
     from lagnet.runs import RunFolderError
 
@@ -210,7 +233,7 @@ def test_rerun_without_resume_is_refused_and_changes_nothing(
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_bad_arguments_fail_before_any_work(train: ModuleType, tmp_path: Path) -> None:
+def test_bad_arguments_fail_before_any_work(train: LagnetTrain, tmp_path: Path) -> None:
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=r"^--eval-every must be >= 1, got 0$"):
         train.main(["--preset", "tiny", "--output", str(out), "--eval-every", "0"])
@@ -219,13 +242,46 @@ def test_bad_arguments_fail_before_any_work(train: ModuleType, tmp_path: Path) -
     assert not out.exists()
 
 
-def test_example_is_short() -> None:
-    assert len(TRAIN.read_text().splitlines()) <= 200
+def test_example_is_short_and_uses_the_public_api_only() -> None:
+    source = TRAIN.read_text()
+    assert len(source.splitlines()) <= 160
+    imported = {
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    lagnet = {name for name in imported if name and name.startswith("lagnet")}
+    assert lagnet == {"lagnet", "lagnet.data", "lagnet.engine", "lagnet.evaluation"}
 
 
-def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
-    cmd = [sys.executable, str(TRAIN), "--workers", "-1", "--output", str(tmp_path / "r")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 1
-    assert proc.stderr == "train.py: error: --workers must be >= 0, got -1\n"
-    assert not (tmp_path / "r").exists()
+def test_example_trains_with_the_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = generate_synthetic_market(tmp_path / "data", seed=0, **SYNTHETIC_SIZES["tiny"])
+    weights = tmp_path / "weights.pth"
+    results = load_example().main([
+        "--dataset", "market1501", "--root", str(root), "--epochs", "1", "--ids-per-batch", "2",
+        "--images-per-id", "2", "--num-attentions", "4", "--warmup", "0", "--milestones",
+        "--no-progress", "--output", str(weights),
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "image cache: 32 images at 64x32, 192.0 KiB uint8 on cpu" in out
+    assert list(results) == ["histogram", "untrained", "trained"]
+    for metrics in results.values():
+        assert list(metrics) == ["mAP", "rank1", "rank5", "mINP"]
+        assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert out.splitlines()[-1].startswith(f"trained      {results['trained']['mAP']:7.3f}")
+    model = build_lagnet(8, backbone="resnet18", num_attentions=4, weights=weights)
+    assert model.num_classes == 8
+
+
+def test_example_user_errors_are_one_line_exit_2(tmp_path: Path) -> None:
+    cases = [
+        (["--epochs", "0"], "argument --epochs: must be a whole number >= 1, got '0'"),
+        (["--dataset", "nope", "--root", str(tmp_path)], "unknown dataset 'nope'; choose one of"),
+    ]
+    for argv, expected in cases:
+        cmd = [sys.executable, str(TRAIN), *argv]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"train.py: error: {expected}"), proc.stderr
+        assert proc.stderr.count("\n") == 1

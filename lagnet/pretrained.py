@@ -40,12 +40,14 @@ __all__ = [
     "CONFIG_NAME",
     "DEFAULT_INPUT_SIZE",
     "MODEL_ARGS",
+    "RUN_PRETRAINED_DIR",
     "WEIGHTS_NAME",
     "LoadedWeights",
     "from_pretrained",
     "load_weights",
     "model_from_weights",
     "pretrained_config",
+    "require_hub_extra",
     "save_pretrained",
 ]
 
@@ -62,6 +64,9 @@ MODEL_ARGS: tuple[str, ...] = (
 )
 """The arguments of :class:`~lagnet.model.LAGNet` a ``config.json`` records (``model_args``)."""
 
+RUN_PRETRAINED_DIR = "pretrained"
+"""The pretrained folder ``lagnet train`` writes in its run folder for the best model."""
+
 DEFAULT_INPUT_SIZE: tuple[int, int] = (384, 128)
 """The input size :func:`save_pretrained` records when none is given (the paper's)."""
 
@@ -71,8 +76,9 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _SHOWN = 3
 
 
-def _require(module: str, what: str) -> Any:
-    """Import an optional module of the ``hub`` extra, or raise a one-line ImportError."""
+def require_hub_extra(what: str, module: str = "safetensors.torch") -> Any:
+    """Import ``module`` of the ``hub`` extra for ``what``, or raise a one-line ImportError
+    naming ``pip install "lagnet[hub]"``."""
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -182,7 +188,7 @@ def save_pretrained(
     Raises:
         ImportError: safetensors is missing (``pip install "lagnet[hub]"``).
     """
-    st = _require("safetensors.torch", "save_pretrained")
+    st = require_hub_extra("save_pretrained")
     config = pretrained_config(model, metrics=metrics, input_size=input_size)
     folder = Path(directory).expanduser()
     if folder.exists() and not folder.is_dir():
@@ -271,7 +277,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    st = _require("safetensors.torch", "loading a .safetensors file")
+    st = require_hub_extra("loading a .safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {str(path)!r}")
     try:
@@ -306,7 +312,8 @@ def _load_folder(weights_file: Path, config_file: Path) -> LoadedWeights:
 def load_weights(path: str | os.PathLike[str]) -> LoadedWeights:
     """lagnet weights from any of their forms, never executing code.
 
-    ``path`` is a pretrained folder (``model.safetensors`` + ``config.json``), a
+    ``path`` is a pretrained folder (``model.safetensors`` + ``config.json``; the run folder
+    of ``lagnet train`` stands for its ``pretrained/`` folder), a
     ``.safetensors`` file with its ``config.json`` beside it, a run checkpoint of
     ``lagnet train`` (``best.pth``/``last.pth``, with its ``model_config``), or a torch file
     holding a bare state dict (loaded with ``weights_only=True``).
@@ -319,6 +326,8 @@ def load_weights(path: str | os.PathLike[str]) -> LoadedWeights:
     """
     p = Path(path).expanduser()
     if p.is_dir():
+        if not (p / WEIGHTS_NAME).exists() and (p / RUN_PRETRAINED_DIR / WEIGHTS_NAME).is_file():
+            p = p / RUN_PRETRAINED_DIR  # the run folder of lagnet train: its best model
         return _load_folder(p / WEIGHTS_NAME, p / CONFIG_NAME)
     if p.suffix == ".safetensors":
         return _load_folder(p, p.with_name(CONFIG_NAME))
@@ -383,7 +392,7 @@ def _locate(name_or_path: str | os.PathLike[str], revision: str | None) -> Path:
             f"from_pretrained: {name_or_path!r} is neither an existing folder or file nor a "
             "hub id of the form 'org/name'"
         )
-    hub = _require("huggingface_hub", f"from_pretrained({name_or_path!r}) (a hub id)")
+    hub = require_hub_extra(f"from_pretrained({name_or_path!r}) (a hub id)", "huggingface_hub")
     try:
         folder = hub.snapshot_download(
             repo_id=name_or_path,
@@ -423,7 +432,7 @@ def from_pretrained(
         ValueError: a config naming an unknown backbone/variant or a newer lagnet, or weights
             that do not fit it (the first mismatching keys and the count of the rest).
     """
-    _require("safetensors.torch", "from_pretrained")
+    require_hub_extra("from_pretrained")
     path = _locate(name_or_path, revision)
     if not path.exists():
         raise FileNotFoundError(f"from_pretrained: no such folder or file: {str(path)!r}")

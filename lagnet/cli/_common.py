@@ -19,6 +19,7 @@ from lagnet.pretrained import load_weights, model_from_weights
 __all__ = [
     "ALL_DATASETS",
     "MODEL_KEYS",
+    "WEIGHTS_HELP",
     "check_pattern",
     "load_dataset",
     "load_run_model",
@@ -39,6 +40,14 @@ MODEL_KEYS: tuple[str, ...] = (
     "width",
 )
 """What a run checkpoint records (under ``"model_config"``) to rebuild its model."""
+
+
+WEIGHTS_HELP = (
+    "a run checkpoint (best.pth or last.pth), a pretrained folder (model.safetensors + "
+    "config.json; a run folder stands for its pretrained/), or a .safetensors file with its "
+    "config.json"
+)
+"""The help of ``--weights`` (``lagnet evaluate``, ``embed``, ``export``): what loads."""
 
 
 def warn(message: str) -> None:

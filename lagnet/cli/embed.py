@@ -11,7 +11,13 @@ import numpy as np
 
 from lagnet._io import atomic_write
 from lagnet._validation import check_nonnegative_int, check_positive_int
-from lagnet.cli._common import add_cache_arguments, cache_log, load_run_model, new_output_path
+from lagnet.cli._common import (
+    WEIGHTS_HELP,
+    add_cache_arguments,
+    cache_log,
+    load_run_model,
+    new_output_path,
+)
 from lagnet.data import IMAGE_EXTENSIONS, build_loader
 from lagnet.evaluation import extract_features
 from lagnet.runs import resolve_device
@@ -30,7 +36,7 @@ relative to --images, sorted.
 def add_command(parser: argparse.ArgumentParser) -> None:
     """Add the ``lagnet embed`` flags to ``parser``."""
     p = parser
-    p.add_argument("--weights", required=True, help="a run checkpoint (best.pth or last.pth)")
+    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("--images", required=True, help="folder searched recursively for images")
     p.add_argument("--output", required=True, help="the .npz file to write")
     p.add_argument("--flip", action="store_true", help="add the flipped image's embedding")

@@ -9,6 +9,7 @@ import os
 from lagnet._validation import check_nonnegative_int, check_positive_int
 from lagnet.cli._common import (
     ALL_DATASETS,
+    WEIGHTS_HELP,
     add_cache_arguments,
     add_folder_dataset_arguments,
     cache_log,
@@ -36,7 +37,7 @@ EXAMPLES = """\
 def add_command(parser: argparse.ArgumentParser) -> None:
     """Add the ``lagnet evaluate`` flags to ``parser``."""
     p = parser
-    p.add_argument("--weights", required=True, help="a run checkpoint (best.pth or last.pth)")
+    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("--dataset", required=True, help=f"one of {', '.join(ALL_DATASETS)}")
     p.add_argument("--root", required=True, help="the dataset folder")
     add_folder_dataset_arguments(p)
@@ -55,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     batch_size = check_positive_int(args.batch_size, "--batch-size")
     workers = None if args.workers is None else check_nonnegative_int(args.workers, "--workers")
     device = resolve_device(args.device)
-    if not os.path.isfile(os.path.expanduser(args.weights)):
-        raise FileNotFoundError(f"--weights {args.weights!r}: no such file")
+    if not os.path.exists(os.path.expanduser(args.weights)):
+        raise FileNotFoundError(f"--weights {args.weights!r}: no such file or folder")
     data = load_dataset(
         args.dataset,
         os.path.expanduser(args.root),

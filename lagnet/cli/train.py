@@ -10,10 +10,12 @@ pieces (:func:`add_train_arguments`, :func:`config_from_args`, :func:`load_train
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,7 +47,8 @@ from lagnet.evaluation import evaluate_features
 from lagnet.losses import LAGNetLoss
 from lagnet.model import LAGNet, build_lagnet
 from lagnet.presets import SYNTHETIC_SIZES
-from lagnet.runs import RunFolder
+from lagnet.pretrained import RUN_PRETRAINED_DIR, save_pretrained
+from lagnet.runs import RunFolder, entry_metrics
 
 if TYPE_CHECKING:
     from lagnet.engine import NonFiniteLossError
@@ -59,6 +62,7 @@ __all__ = [
     "build_training",
     "checkpoint_of",
     "config_from_args",
+    "epoch_timing",
     "histogram_baseline",
     "init_distributed",
     "is_main",
@@ -70,6 +74,7 @@ __all__ = [
     "run_summary",
     "run_training",
     "summary_table",
+    "write_pretrained",
 ]
 
 
@@ -369,8 +374,9 @@ def record_epoch(
 ) -> None:
     """Append ``entry`` to the history and write the run's files (main process only).
 
-    ``best.pth`` only when ``entry`` has a strictly better mAP, then ``last.pth``, ``log.json``
-    and ``curves.png``.
+    ``last.pth`` first (the full resumable state), then ``best.pth`` (the deployable model)
+    only when ``entry`` has a strictly better mAP, then ``log.json`` and ``curves.png``: a
+    process killed at any moment leaves a resumable folder, and ``--resume`` completes the rest.
     """
     state["epoch"] = entry["epoch"]
     state["history"].append(entry)
@@ -379,10 +385,11 @@ def record_epoch(
     better = "mAP" in entry and entry["mAP"] > run.best_metric
     if better:
         state["best_mAP"] = entry["mAP"]
+        state["best_epoch"] = entry["epoch"]
     ckpt = checkpoint_of(parts, state, config, device)
-    if better:
-        run.save_best(ckpt, entry["mAP"])  # only ever a strictly better model
     run.save_last(ckpt)
+    if better:  # only ever a strictly better model
+        run.save_best(ckpt, entry["mAP"], metrics=entry_metrics(entry), epoch=entry["epoch"])
     run.save_json("log.json", state["history"])
     plot_curves(run, state["history"])
 
@@ -396,6 +403,35 @@ def plot_curves(run: RunFolder, history: list[dict[str, Any]]) -> None:
     except ImportError:
         return
     save_figure(fig, run.path / "curves.png")
+
+
+def write_pretrained(run: RunFolder, log: Callable[[str], None] = print) -> Path | None:
+    """Write ``<run>/pretrained/`` from the run's ``best.pth``: the folder to share or load
+    with :func:`lagnet.from_pretrained`. Without safetensors (``lagnet[hub]``) a warning says
+    so and nothing is written. Returns the folder, or ``None``."""
+    from lagnet.cli._common import load_run_model, warn
+
+    best = run.path / "best.pth"
+    if not best.is_file():
+        return None
+    try:
+        importlib.import_module("safetensors")
+    except ImportError:
+        warn(
+            f"no {RUN_PRETRAINED_DIR}/ folder written (it needs safetensors): "
+            'pip install "lagnet[hub]", then lagnet export --format safetensors '
+            f"--weights {best} --output {run.path / RUN_PRETRAINED_DIR}"
+        )
+        return None
+    model, meta = load_run_model(best)
+    folder = save_pretrained(
+        model,
+        run.path / RUN_PRETRAINED_DIR,
+        metrics=meta["metrics"],
+        input_size=(int(meta["height"]), int(meta["width"])),
+    )
+    log(f"pretrained folder of the best model: {folder} (lagnet.from_pretrained loads it)")
+    return folder
 
 
 def run_training(
@@ -421,6 +457,7 @@ def run_training(
             log(message)
 
     device = init_distributed(config)
+    run: RunFolder | None = None
     try:
         run = RunFolder.open(
             config.output,
@@ -429,19 +466,29 @@ def run_training(
             overwrite=overwrite,
             fixed_keys=FIXED_KEYS,
         )
+        say(f"run folder: {run.path.absolute()}")
         for note in run.notes:
             say(note)
         if run.finished:
             assert run.checkpoint is not None
-            return run_summary(run.checkpoint["state"])
+            summary = run_summary(run.checkpoint["state"])
+            if is_main():
+                for note in run.complete():  # what a kill after the last epoch cut short
+                    say(note)
+                if not (run.path / "summary.json").is_file():
+                    run.save_json("summary.json", summary)
+                if not (run.path / RUN_PRETRAINED_DIR / "config.json").is_file():
+                    write_pretrained(run, say)
+            return summary
         torch.manual_seed(config.seed)
         data = load_training_data(config, say)
-        parts = build_training(config, data, device, say)
+        parts = build_training(config, data, device)
         state: dict[str, Any] = {"epoch": 0, "history": [], "best_mAP": -1.0, "summary": {}}
         if run.checkpoint is not None:
             state = restore(parts, run.checkpoint, device)
         if is_main():
-            run.create()
+            for note in run.create():
+                say(note)
         if dist.is_initialized():
             dist.barrier()
         if run.checkpoint is None and config.dataset == "synthetic" and is_main():
@@ -468,8 +515,10 @@ def run_training(
             due = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
             if due and is_main():
                 entry.update(_evaluate(parts, config, device))
-            say(_format_entry(entry))
             record_epoch(run, parts, state, entry, config, device)
+            done = epoch + 1 - run.start_epoch
+            say(_format_entry(entry) + epoch_timing(time.perf_counter() - start, done,
+                                                    config.epochs - epoch - 1))  # fmt: skip
             if dist.is_initialized():
                 dist.barrier()
         elapsed = time.perf_counter() - start
@@ -477,13 +526,37 @@ def run_training(
         summary = run_summary(state)
         if is_main():
             run.save_json("summary.json", summary)
+            write_pretrained(run, say)
             trained = config.epochs - run.start_epoch
             say(f"\ntrained {trained} epochs in {elapsed:.0f} s; results on the test split:")
             say(summary_table(summary))
+            say(f"run folder: {run.path.absolute()} (best.pth: the best model; last.pth: resume)")
         return summary
     finally:
+        if run is not None:
+            run.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def epoch_timing(elapsed: float, done: int, left: int) -> str:
+    """``"  (12.3 s/epoch, about 4 min 06 s left)"``: the mean time of the ``done`` epochs of
+    this start (training, evaluation and checkpoints) and the estimate for the ``left`` ones.
+    Printed on each epoch line; never recorded in ``log.json``, which stays deterministic."""
+    per = elapsed / max(done, 1)
+    rest = f"about {_duration(per * left)} left" if left else "done"
+    return f"  ({per:.1f} s/epoch, {rest})"
 
 
 EXAMPLES = """\
@@ -491,7 +564,7 @@ EXAMPLES = """\
   lagnet train --preset tiny --output /tmp/run      # seconds
   lagnet train --preset tiny --output /tmp/run --resume --epochs 4   # extend a run
   lagnet train --preset reference --dataset market1501 --root data/ \\
-      --backbone-weights resnet50.pth --device cuda  # the paper's recipe
+      --device cuda                                  # the paper's recipe (ImageNet trunk)
   lagnet train --dataset folder --root crops/ --pattern '(?P<pid>\\d+)_c(?P<camid>\\d+)_.*' \\
       --output runs/mine                             # your own crops (train/ query/ gallery/)
 """

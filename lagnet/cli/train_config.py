@@ -22,7 +22,7 @@ from lagnet._validation import (
     check_nonnegative_int,
     check_positive_int,
 )
-from lagnet.backbones import BACKBONES
+from lagnet.backbones import BACKBONES, resolve_backbone_weights
 from lagnet.cli._common import (
     ALL_DATASETS,
     add_cache_arguments,
@@ -30,11 +30,17 @@ from lagnet.cli._common import (
     check_pattern,
 )
 from lagnet.data import CACHE_MODES
-from lagnet.model import VARIANTS
+from lagnet.model import MIN_INPUT_SIZE, VARIANTS
 from lagnet.presets import PRESETS
-from lagnet.runs import resolve_device
+from lagnet.runs import read_recorded_config, resolve_device
 
-__all__ = ["FIXED_KEYS", "TrainConfig", "add_train_arguments", "config_from_args"]
+__all__ = [
+    "FIXED_KEYS",
+    "TrainConfig",
+    "add_train_arguments",
+    "check_input_size",
+    "config_from_args",
+]
 
 
 FIXED_KEYS: tuple[str, ...] = (
@@ -128,7 +134,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variant", choices=list(VARIANTS), default="paper")
     p.add_argument("--backbone", help="torchvision ResNet name (preset default otherwise)")
-    p.add_argument("--backbone-weights", help="local torchvision ImageNet state dict")
+    p.add_argument(
+        "--backbone-weights",
+        metavar="imagenet|ENUM_NAME|PATH|none",
+        help="ImageNet weights of the trunk: imagenet (torchvision's IMAGENET1K_V1, downloaded "
+        "once into the torch hub cache), a torchvision weights name (IMAGENET1K_V2), a local "
+        "state dict, or none (preset default: imagenet for reference, none otherwise)",
+    )
     p.add_argument("--num-attentions", type=int, help="attention maps K kept by the LAS")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
     p.add_argument("--ids-per-batch", type=int, dest="P", help="identities per batch (P)")
@@ -152,6 +164,71 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="channels_last memory format (default: on for CUDA)",
     )
+    _stash_defaults(p)
+
+
+_DEFAULTS = "train_flag_defaults"
+_NOT_INHERITED = frozenset({"output", "resume", "overwrite", "no_progress", _DEFAULTS})
+"""Flags a ``--resume`` never takes from the run's config.json (the folder itself, the mode,
+and the display: bars do not change results)."""
+
+
+def _stash_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every flag defaults to ``None`` (not given), its real default kept aside, so
+    :func:`config_from_args` knows which flags were given explicitly."""
+    defaults = {}
+    for action in parser._actions:
+        if action.dest not in ("help", _DEFAULTS) and action.default is not argparse.SUPPRESS:
+            defaults[action.dest] = action.default
+            action.default = None
+    parser.set_defaults(**{_DEFAULTS: defaults})
+
+
+def _recorded_flags(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A run's config.json as flag values (``dest`` names)."""
+    flags = {k: v for k, v in recorded.items() if k not in ("height", "width")}
+    if "height" in recorded and "width" in recorded:
+        flags["input_size"] = [recorded["height"], recorded["width"]]
+    if "backbone_weights" in recorded and recorded["backbone_weights"] is None:
+        flags["backbone_weights"] = "none"
+    return flags
+
+
+def _fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with every flag not given filled in: on ``--resume`` from the run's recorded
+    config.json (so a resume continues the run as it was set up), else the flag's default."""
+    defaults: dict[str, Any] | None = getattr(args, _DEFAULTS, None)
+    if defaults is None:  # a namespace not made by add_train_arguments: as it is
+        return args
+    filled = argparse.Namespace(**vars(args))
+    output = getattr(args, "output", None)
+    if output is not None and not str(output).strip():
+        raise ValueError("--output is empty (an unset shell variable?); give the run folder's path")
+    recorded: dict[str, Any] = {}
+    if getattr(args, "resume", None):
+        preset = args.preset or defaults.get("preset") or "demo"
+        folder = Path(output or Path("runs") / preset).expanduser()
+        recorded = _recorded_flags(read_recorded_config(folder) or {})
+    for name, default in defaults.items():
+        if getattr(args, name, None) is not None:
+            continue
+        if name in recorded and name not in _NOT_INHERITED:
+            setattr(filled, name, recorded[name])
+        else:
+            setattr(filled, name, default)
+    return filled
+
+
+def check_input_size(height: int, width: int) -> None:
+    """Refuse an input smaller than the network takes: :data:`lagnet.model.MIN_INPUT_SIZE`,
+    the total stride of the global branch (its map needs one whole cell; the same for every
+    ResNet, tests/test_run_folder.py derives it from the network)."""
+    if height < MIN_INPUT_SIZE or width < MIN_INPUT_SIZE:
+        raise ValueError(
+            f"--input-size {height} {width} is too small: the network needs at least "
+            f"{MIN_INPUT_SIZE} {MIN_INPUT_SIZE} (its global branch downsamples by "
+            f"{MIN_INPUT_SIZE})"
+        )
 
 
 def user_cache_dir() -> Path:
@@ -163,14 +240,35 @@ def _cache_root(synthetic: str) -> Path:
     return user_cache_dir() / f"synthetic-{synthetic}"
 
 
+def _backbone_weights(spec: str | None, backbone: str) -> str | None:
+    """``--backbone-weights`` checked without touching the network: ``None`` for ``none``,
+    a weights name as given, a local file as an expanded path that exists."""
+    if spec is None or spec.lower() == "none":
+        return None
+    try:
+        resolved = resolve_backbone_weights(backbone, spec)
+    except ValueError as err:
+        raise ValueError(str(err).replace("backbone_weights", "--backbone-weights", 1)) from None
+    if not isinstance(resolved, Path):
+        return spec
+    if not resolved.expanduser().is_file():
+        raise FileNotFoundError(
+            f"--backbone-weights {spec!r}: no such file (or pass imagenet, a torchvision "
+            "weights name such as IMAGENET1K_V2, or none)"
+        )
+    return str(resolved.expanduser())
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Fill the preset's defaults into ``args`` and check every value; reads and writes no file
-    except to look at ``--root`` and ``--backbone-weights``.
+    except to look at ``--root`` and ``--backbone-weights``, and with ``--resume`` at the run's
+    config.json: a resume takes every setting the run recorded unless its flag is given.
 
     Raises:
         ValueError / TypeError: a value out of range, naming the flag and the value.
         FileNotFoundError: ``--root`` or ``--backbone-weights`` does not exist.
     """
+    args = _fill_defaults(args)
     preset = PRESETS[check_choice(args.preset, "--preset", sorted(PRESETS))]
 
     def pick(name: str) -> Any:
@@ -195,9 +293,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     root = Path(root).expanduser()
     if dataset != "synthetic" and not root.is_dir():
         raise FileNotFoundError(f"--root {str(root)!r} does not exist or is not a folder")
-    weights = args.backbone_weights
-    if weights is not None and not Path(weights).expanduser().is_file():
-        raise FileNotFoundError(f"--backbone-weights {weights!r}: no such file")
+    weights = _backbone_weights(
+        pick("backbone_weights"), check_choice(pick("backbone"), "--backbone", BACKBONES)
+    )
     device = resolve_device(args.device)
     channels_last = args.channels_last
     if channels_last is None:
@@ -238,6 +336,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ValueError(
             f"--images-per-id must be >= 2 (the triplet loss needs a positive pair), got {config.K}"
         )
+    check_input_size(config.height, config.width)
     if args.amp is None:  # last: the engine knows what this device supports
         config = dataclasses.replace(config, amp=_default_amp(device))
     return config

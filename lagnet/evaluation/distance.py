@@ -11,11 +11,14 @@ from lagnet._validation import check_choice, check_float_tensor, check_positive_
 
 __all__ = [
     "DEFAULT_BLOCK_ROWS",
+    "SCAN_ELEMENTS",
     "DistanceBlocks",
     "Metric",
     "check_features",
     "check_finite_features",
     "pairwise_distance",
+    "scan_rows",
+    "squared_norms",
 ]
 
 Metric: TypeAlias = Literal["euclidean", "sqeuclidean", "cosine"]
@@ -26,16 +29,32 @@ _METRICS = ("euclidean", "sqeuclidean", "cosine")
 # splits the work into chunks.
 DEFAULT_BLOCK_ROWS = 256
 
+# Elements per step of the passes over a whole feature set (the NaN/inf check, the squared
+# norms): their temporaries stay at a few MB however large the gallery is.
+SCAN_ELEMENTS = 1 << 20
+
 
 def check_features(x: object, name: str) -> torch.Tensor:
     return check_float_tensor(x, name, "(num_items, dim)")
 
 
+def scan_rows(x: torch.Tensor) -> int:
+    """Rows of ``x`` ``(N, D)`` per step of a scan over all of it: :data:`SCAN_ELEMENTS`
+    elements (at least one row)."""
+    return max(1, SCAN_ELEMENTS // max(1, x.shape[1]))
+
+
 def check_finite_features(x: torch.Tensor, name: str) -> None:
-    """Refuse features with NaN or infinite entries, naming the first bad row."""
-    bad = ~torch.isfinite(x).all(dim=1)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
+    """Refuse features ``(N, D)`` with NaN or infinite entries, naming the first bad row.
+
+    ``x`` is scanned :func:`scan_rows` rows at a time, so the check needs a few MB beside ``x``
+    at any size (one ``(N, D)`` mask is 170 MB for an MSMT17 gallery), and one host sync."""
+    finite = torch.empty(x.shape[0], dtype=torch.bool, device=x.device)
+    step = scan_rows(x)
+    for start in range(0, x.shape[0], step):
+        torch.all(torch.isfinite(x[start : start + step]), dim=1, out=finite[start : start + step])
+    if not bool(finite.all()):
+        row = int((~finite).nonzero()[0, 0])
         kind = "NaN" if bool(torch.isnan(x[row]).any()) else "inf"
         raise ValueError(
             f"{name} contains {kind} (first in row {row}): distances between such features are "
@@ -85,6 +104,19 @@ def check_query_gallery(
     return qf, gf, dtype, name, -(-step // DEFAULT_BLOCK_ROWS) * DEFAULT_BLOCK_ROWS
 
 
+def squared_norms(y: torch.Tensor) -> torch.Tensor:
+    """``(y * y).sum(dim=1)`` ``(M,)`` of ``y`` ``(M, D)``, computed :func:`scan_rows` rows at a
+    time instead of through an ``(M, D)`` temporary (the same sums, bit for bit, for a
+    contiguous ``y`` with rows of fewer than 32,768 elements; otherwise torch may order a
+    row's additions differently, within rounding)."""
+    out = torch.empty(y.shape[0], dtype=y.dtype, device=y.device)
+    step = scan_rows(y)
+    for start in range(0, y.shape[0], step):
+        block = y[start : start + step]
+        torch.sum(block * block, dim=1, out=out[start : start + step])
+    return out
+
+
 class DistanceBlocks:
     """Computes row blocks ``(B, M)`` of the distance matrix between ``x`` and a fixed ``y``
     ``(M, D)``."""
@@ -98,7 +130,7 @@ class DistanceBlocks:
             self.y_sq = torch.empty(0, dtype=dtype, device=y.device)
         else:
             self.y = y
-            self.y_sq = (y * y).sum(dim=1)
+            self.y_sq = squared_norms(y)
 
     def __call__(self, x_block: torch.Tensor) -> torch.Tensor:
         # a fresh contiguous copy: same shape, layout and alignment for a given block every time

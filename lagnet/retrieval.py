@@ -95,6 +95,40 @@ def _as_ids(ids: object, count: int) -> npt.NDArray[np.int64]:
     return arr.astype(np.int64)
 
 
+def _check_training_size(
+    count: int,
+    total: int,
+    limit: int,
+    *,
+    kind: str,
+    nlist: int | None,
+    pq_bits: int | None,
+    pca_dim: int | None,
+) -> None:
+    """Refuse, before faiss sees them, too few training embeddings for the index's k-means and
+    PCA: ``nlist`` inverted lists need ``nlist`` points, ``b``-bit PQ codes ``2**b``, a PCA to
+    ``d`` dimensions ``d``."""
+    needs: list[tuple[int, str, str]] = []
+    if nlist is not None:
+        needs.append((nlist, f"kind {kind!r}", f"its {nlist} inverted lists (nlist)"))
+    if pq_bits is not None:
+        why = f"the {2**pq_bits} centroids of its {pq_bits}-bit PQ codes"
+        needs.append((2**pq_bits, f"kind {kind!r}", why))
+    if pca_dim is not None:
+        needs.append((pca_dim, f"pca_dim={pca_dim}", "the PCA"))
+    short = [need for need in needs if count < need[0]]
+    if not short:
+        return
+    need, subject, why = max(short)
+    sample = (
+        "" if count == total else f" (an evenly spaced sample of the {total}, max_train={limit})"
+    )
+    hint = "; kind 'flat' is exact and right for small galleries" if kind != "flat" else ""
+    raise ValueError(
+        f"{subject} needs at least {need} embeddings to train {why}, got {count}{sample}{hint}"
+    )
+
+
 def _default_nlist(num_items: int) -> int:
     """About 4 sqrt(N) lists, a power of two, with at least 39 training points per list."""
     target = 1 << max(4, round(math.log2(max(16.0, 4.0 * math.sqrt(num_items)))))
@@ -191,7 +225,9 @@ class GalleryIndex:
 
         Raises:
             ImportError: faiss is not installed.
-            TypeError / ValueError: bad embeddings, ids or options.
+            TypeError / ValueError: bad embeddings, ids or options, or too few embeddings to
+                train the kind (checked before faiss runs): IVF needs ``nlist``, IVF-PQ
+                ``2 ** pq_bits``, a PCA ``pca_dim``.
         """
         faiss = _faiss()
         x = _as_matrix(embeddings, "embeddings")
@@ -234,6 +270,16 @@ class GalleryIndex:
             name = check_choice(refine, "refine", ("flat", "sq8", "sq6", "sq4"))
             steps.append("RFlat" if name == "flat" else f"Refine(SQ{name[2:]})")
         factory = ",".join(steps)
+        train_step = max(1, -(-x.shape[0] // check_positive_int(max_train, "max_train")))
+        _check_training_size(
+            -(-x.shape[0] // train_step),
+            x.shape[0],
+            max_train,
+            kind=kind_name,
+            nlist=lists if kind_name in ("ivf", "ivfpq") else None,
+            pq_bits=check_positive_int(pq_bits, "pq_bits") if kind_name == "ivfpq" else None,
+            pca_dim=None if pca_dim is None else indexed_dim,
+        )
         faiss_metric = faiss.METRIC_INNER_PRODUCT if metric_name == "cosine" else faiss.METRIC_L2
         index = faiss.index_factory(dim, factory, faiss_metric)
         probes = max(8, lists // 16) if nprobe is None else check_positive_int(nprobe, "nprobe")
@@ -252,9 +298,8 @@ class GalleryIndex:
         gallery = cls(index, meta, np.zeros(0, dtype=np.int64))
         x = gallery._prepare(x)
         if not index.is_trained:
-            step = max(1, -(-x.shape[0] // check_positive_int(max_train, "max_train")))
             _set_seed(index, seed)
-            index.train(x[::step])
+            index.train(x[::train_step])
         gallery._add_prepared(x, None if ids is None else _as_ids(ids, x.shape[0]))
         return gallery
 

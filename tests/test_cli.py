@@ -185,10 +185,10 @@ def test_argparse_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> Non
     )
     code, _, err = run_cli(capsys, "fly")
     assert code == 2
-    one_error_line(err, "lagnet: argument COMMAND: invalid choice: 'fly'")
+    one_error_line(err, "argument COMMAND: invalid choice: 'fly'")  # not "lagnet: " twice
     code, _, err = run_cli(capsys)
     assert code == 2
-    one_error_line(err, "lagnet: the following arguments are required: COMMAND")
+    one_error_line(err, "the following arguments are required: COMMAND")
     code, _, err = run_cli(capsys, "embed", "--weights", "w.pth")
     one_error_line(err, "lagnet embed: the following arguments are required: --images, --output")
 
@@ -316,9 +316,10 @@ def test_overwrite_moves_old_files_aside(tmp_path: Path) -> None:
     run = RunFolder.open(folder, {"epochs": 3}, overwrite=True)
     assert snapshot(folder) == before  # open() alone changes nothing
     run.create()
+    run.close()  # the lock (.lock) is held until close()
     (aside,) = [p for p in folder.iterdir() if p.name.startswith("previous-")]
     assert snapshot(aside) == before
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["config.json", aside.name])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([".lock", "config.json", aside.name])
     # a second --overwrite keeps the first moved-aside folder where it is
     (folder / "last.pth").write_bytes(b"new")
     RunFolder.open(folder, {"epochs": 3}, overwrite=True).create()

@@ -4,12 +4,17 @@ behaviour (engine, CLI, retrieval, images, checkpoints)."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from lagnet import LAGNet, LAGNetLoss, build_lagnet
+from lagnet.cli import main
 from lagnet.engine import NonFiniteLossError, TrainStep, _describe_non_finite, train_one_epoch
 from lagnet.evaluation import extract_features
 
@@ -143,3 +148,111 @@ def test_dict_batches_with_other_keys_name_the_expected_keys() -> None:
         "batch 0: a dict batch needs the keys 'images', 'pids' and 'camids'; it lacks "
         "['images', 'pids', 'camids'] (its keys: ['img', 'label'])"
     )
+
+
+# --- lagnet index / search and the command line ----------------------------------------------
+
+
+def write_embeddings(path: Path, features: np.ndarray, names: list[str]) -> None:
+    np.savez(path, features=features.astype(np.float32), paths=np.array(names))
+
+
+def test_ivfpq_on_a_small_gallery_says_how_many_items_it_needs(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pytest.importorskip("faiss")
+    from lagnet.retrieval import GalleryIndex
+
+    feats = np.random.default_rng(0).standard_normal((50, 64)).astype(np.float32)
+    with pytest.raises(ValueError) as info:
+        GalleryIndex.build(feats, kind="ivfpq")
+    assert str(info.value) == (
+        "kind 'ivfpq' needs at least 256 embeddings to train the 256 centroids of its 8-bit PQ "
+        "codes, got 50; kind 'flat' is exact and right for small galleries"
+    )
+    with pytest.raises(ValueError) as info:  # every 3rd of the 50: 17
+        GalleryIndex.build(feats, kind="ivf", nlist=30, max_train=20)
+    assert str(info.value).startswith(
+        "kind 'ivf' needs at least 30 embeddings to train its 30 inverted lists (nlist), got 17 "
+        "(an evenly spaced sample of the 50, max_train=20); "
+    )
+    with pytest.raises(ValueError, match=r"^pca_dim=60 needs at least 60 embeddings to train th"):
+        GalleryIndex.build(feats, kind="flat", pca_dim=60)
+    assert len(GalleryIndex.build(feats, kind="ivfpq", pq_bits=4)) == 50  # 16 centroids: fine
+    write_embeddings(tmp_path / "g.npz", feats, [f"{i}.jpg" for i in range(50)])
+    out = tmp_path / "g.lagidx"
+    code = main(["index", "--features", str(tmp_path / "g.npz"), "--output", str(out),
+                 "--kind", "ivfpq"])  # fmt: skip
+    assert code == 2
+    one_error_line(capsys.readouterr().err, "kind 'ivfpq' needs at least 256 embeddings")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.npz"]
+
+
+@pytest.mark.parametrize("command", ["index", "embed"])
+def test_output_that_is_a_folder_is_refused_first_and_nothing_is_written(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str
+) -> None:
+    out = tmp_path / "out.npz"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    write_embeddings(tmp_path / "g.npz", np.eye(4, 8), ["a", "b", "c", "d"])
+    if command == "index":
+        args = ["index", "--features", str(tmp_path / "g.npz")]
+    else:  # the weights are never read: the output is checked first
+        args = ["embed", "--weights", str(tmp_path / "none.pth"), "--images", str(tmp_path)]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code = main([*args, "--output", str(out), "--overwrite"])
+    assert code == 2
+    one_error_line(
+        capsys.readouterr().err,
+        f"--output {str(out)!r} is a folder; give the path of a file to write",
+    )
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_index_paths_list_that_is_a_folder_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    write_embeddings(tmp_path / "g.npz", np.eye(4, 8), ["a", "b", "c", "d"])
+    (tmp_path / "g.lagidx.paths.txt").mkdir()
+    code = main(["index", "--features", str(tmp_path / "g.npz"), "--output",
+                 str(tmp_path / "g.lagidx"), "--overwrite"])  # fmt: skip
+    assert code == 2
+    one_error_line(
+        capsys.readouterr().err,
+        f"{str(tmp_path / 'g.lagidx.paths.txt')!r} is a folder; give the path of a file",
+    )
+    assert not (tmp_path / "g.lagidx").exists()
+
+
+def test_unknown_command_says_lagnet_once() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "lagnet", "nosuchcmd"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith(
+        "lagnet: error: argument COMMAND: invalid choice: 'nosuchcmd' (choose from 'train', "
+    )
+    assert done.stderr.count("lagnet:") == 1 and len(done.stderr.splitlines()) == 1
+
+
+def test_search_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    write_embeddings(tmp_path / "g.npz", rng.standard_normal((100, 8)), [
+        f"gallery/{i:04d}.jpg" for i in range(100)
+    ])  # fmt: skip
+    write_embeddings(tmp_path / "q.npz", rng.standard_normal((300, 8)), [
+        f"query/{i:04d}.jpg" for i in range(300)
+    ])  # fmt: skip
+    index = tmp_path / "g.lagidx"
+    assert main(["index", "--features", str(tmp_path / "g.npz"), "--output", str(index)]) == 0
+    # about 1.5 MB of JSON: far more than a pipe holds, so the write fails after `head` exits
+    script = (
+        f"{sys.executable} -m lagnet search --index {index} --queries {tmp_path / 'q.npz'} "
+        "--k 50 --json | head -1; echo status=${PIPESTATUS[0]} >&2"
+    )
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout == "[\n"
+    assert done.stderr == "status=141\n"

@@ -2,13 +2,17 @@
 
 User errors (bad arguments, missing files, bad data) print one line ``lagnet: error: ...`` on
 stderr and exit with status 2; ``--debug`` shows the traceback instead. A training run stopped
-by a non-finite loss exits with status 1. Errors that do not come from lagnet's own checks are
-bugs and keep their traceback.
+by a non-finite loss exits with status 1; Ctrl-C exits with 130 and SIGTERM with 143, both
+after removing the temporary file of a write in progress. Errors that do not come from
+lagnet's own checks are bugs and keep their traceback. A reader that closes the output early
+(``lagnet search --json | head``) ends the command quietly with status 141, as Unix tools
+killed by ``SIGPIPE`` do.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -27,7 +31,9 @@ class _UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise _UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+        # "lagnet: error: lagnet: ..." would say the name twice; a subcommand keeps its name
+        prefix = "" if self.prog == "lagnet" else f"{self.prog}: "
+        raise _UsageError(f"{prefix}{message} (see '{self.prog} --help')")
 
 
 def _subparser(
@@ -127,6 +133,22 @@ def _fail(message: str) -> None:
     print(f"lagnet: error: {message}", file=sys.stderr, flush=True)
 
 
+_BROKEN_PIPE_STATUS = 141
+"""What a shell reports for a command killed by ``SIGPIPE`` (128 + 13)."""
+
+
+def _closed_output() -> int:
+    """The reader of stdout went away: point stdout at devnull (so that the interpreter's
+    final flush of what is still buffered does not fail again) and end quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (e.g. captured)
+        pass
+    return _BROKEN_PIPE_STATUS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lagnet`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -139,10 +161,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as exit_:  # --help and --version
         return exit_.code if isinstance(exit_.code, int) else 0
+    from lagnet._io import Terminated, terminate_on_sigterm
     from lagnet.cli.train import TrainingStopped
 
     try:
-        code: int = args.func(args)
+        with terminate_on_sigterm():  # like Ctrl-C: cleanup runs, temporary files are removed
+            code: int = args.func(args)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+    except BrokenPipeError:
+        return _closed_output()
+    except Terminated:
+        _fail("terminated (SIGTERM); files being written were left as they were before")
+        return Terminated.exit_code
     except TrainingStopped as err:
         if debug:
             traceback.print_exc()

@@ -67,6 +67,11 @@ def new_output_path(
     prefix = "--output " if named else ""
     targets = [(output, prefix)] + [(output.with_name(output.name + s), "") for s in companions]
     for target, label in targets:
+        if target.is_dir():  # even with --overwrite: a folder is never replaced by a file
+            flag = "--output " if target == output else ""
+            raise IsADirectoryError(
+                f"{flag}{str(target)!r} is a folder; give the path of a file to write"
+            )
         if target.exists() and not overwrite:
             raise FileExistsError(f"{label}{str(target)!r} exists; pass --overwrite to replace it")
     if not output.parent.is_dir():

@@ -109,8 +109,8 @@ def run_index(args: argparse.Namespace) -> int:
     features, names = read_embeddings(args.features, "--features")
     index = GalleryIndex.build(features, kind=args.kind, metric=args.metric, pca_dim=pca_dim)
     text = "".join(f"{name}\n" for name in names).encode()
+    index.save(output)  # then its list of paths: a failure never leaves the list alone
     atomic_write(names_out, lambda f: f.write(text))
-    index.save(output)
     print(f"wrote {output} ({index.kind}, {len(index)} items of size {index.dim}) and {names_out}")
     return 0
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one run with a time limit per step: the CUDA-marked tests,
 # the loss and conformance tests (torch versions differ between machines), the GPU evaluation
-# and training benchmarks, and a short `lagnet train` on CUDA. Logs and the benchmark JSON go
-# to $OUT (default /tmp/lagnet-gpu-checks); each step's last lines are printed.
+# and training benchmarks, the data path (bench_data.py: img/s delivered by each loader), and
+# `lagnet train --device cuda --compile` and `lagnet evaluate` end to end on real-size crops
+# (bench_e2e.py), their img/s beside bench_gpu.py's step and forward rates. Logs and the
+# benchmark JSON go to $OUT (default /tmp/lagnet-gpu-checks); each step's last lines are printed.
+# The limits add up to 900 s, the device time a lent machine gives one session.
 #
 #   bash benchmarks/run_gpu_checks.sh               # on a machine with a CUDA GPU
 #   SMOKE=1 PYTHON=python bash benchmarks/run_gpu_checks.sh   # the same steps, tiny, on the CPU
@@ -12,8 +15,8 @@ py=${PYTHON:-python3}
 mkdir -p "$out"
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-smoke=() device=cuda
-if [ "${SMOKE:-0}" = 1 ]; then smoke=(--cpu-smoke) device=cpu; fi
+smoke=() images=400
+if [ "${SMOKE:-0}" = 1 ]; then smoke=(--cpu-smoke) images=64; fi
 status=0
 
 step() {
@@ -36,6 +39,8 @@ step losses_conformance 60 "$py" -m pytest -q -p no:cacheprovider tests/test_los
 step bench_gpu_eval 60 "$py" benchmarks/bench_gpu_eval.py "${smoke[@]}"
 step bench_gpu 400 "$py" benchmarks/bench_gpu.py "${smoke[@]}" --json "$out/bench_gpu.json" \
     --profile "$out/profile.txt"
-step train_cli 60 "$py" -m lagnet train --preset demo --epochs 2 --device "$device" \
-    --output "$(mktemp -d)/run" --no-progress
+step bench_data 60 "$py" benchmarks/bench_data.py --images "$images" --passes 2 \
+    --json "$out/bench_data.json"
+step bench_e2e 200 "$py" benchmarks/bench_e2e.py "${smoke[@]}" --gpu-json "$out/bench_gpu.json" \
+    --json "$out/bench_e2e.json"
 exit "$status"

@@ -17,7 +17,7 @@ def test_readme_has_the_two_setup_commands() -> None:
     cmds = readme_commands()
     assert len(cmds) >= 2
     main_job, tests = cmds[0], cmds[1]
-    assert "torch==2.14.1 torchvision==0.29.1" in main_job and "examples/" in main_job
+    assert "torch==2.14.1 torchvision==0.29.1" in main_job and "lagnet train" in main_job
     assert "torch==2.14.1 torchvision==0.29.1" in tests and "pytest" in tests
 
 

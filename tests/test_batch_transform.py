@@ -281,3 +281,15 @@ def test_module_apply_keeps_its_meaning() -> None:
     seen: list[str] = []
     assert transform.apply(lambda m: seen.append(type(m).__name__)) is transform
     assert seen == ["BatchTransform"]
+
+
+def test_keep_bits_mask_is_exact() -> None:
+    from lagnet.data.batch_transform import _keep_bits
+
+    boxes = torch.tensor([[1, 2, 2, 3], [0, 0, 0, 0], [3, 4, 5, 5]])  # the last one is clipped
+    keep = _keep_bits(boxes, 4, 6)
+    assert keep.shape == (3, 1, 4, 6) and keep.dtype == torch.int32
+    expected = torch.full((3, 4, 6), -1, dtype=torch.int32)
+    expected[0, 1:3, 2:5] = 0
+    expected[2, 3:, 4:] = 0
+    assert torch.equal(keep[:, 0], expected)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -256,3 +257,90 @@ def test_search_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
     assert done.stdout == "[\n"
     assert done.stderr == "status=141\n"
+
+
+# --- lagnet evaluate and lagnet embed ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lagnet.data import generate_synthetic_market
+    from lagnet.presets import SYNTHETIC_SIZES
+
+    root = tmp_path_factory.mktemp("synthetic") / "tiny"
+    generate_synthetic_market(root, seed=0, **SYNTHETIC_SIZES["tiny"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run checkpoint as `lagnet train` writes it, untrained weights."""
+    from lagnet.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_lagnet(8, backbone="resnet18", num_attentions=4)
+    path = tmp_path_factory.mktemp("weights") / "best.pth"
+    config = {"num_classes": 8, "backbone": "resnet18", "variant": "paper",
+              "num_attentions": 4, "height": 64, "width": 32}  # fmt: skip
+    save_checkpoint({"model": model.state_dict(), "model_config": config}, path)
+    return path
+
+
+def test_rerank_on_a_small_gallery_is_refused_before_extracting(
+    capsys: pytest.CaptureFixture[str], data_root: Path, tmp_path: Path
+) -> None:
+    from lagnet.data import build_dataset
+
+    gallery = len(build_dataset("synthetic", data_root).gallery)  # 20 (junk images left out)
+    junk = tmp_path / "never-read.pth"  # refused before the weights are even loaded
+    junk.write_bytes(b"not read")
+    args = ["evaluate", "--weights", str(junk), "--dataset", "synthetic", "--root",
+            str(data_root), "--rerank", "--no-progress"]  # fmt: skip
+    code = main([*args, "--k1", str(gallery + 1)])
+    assert code == 2
+    one_error_line(
+        capsys.readouterr().err,
+        f"--rerank: k1={gallery + 1} is larger than the gallery ({gallery} items; ",
+    )
+    code = main([*args, "--k1", "0"])
+    one_error_line(capsys.readouterr().err, "--rerank: k1 must be >= 1, got 0; lower --k1")
+
+
+def test_embed_and_evaluate_give_the_same_features_by_default(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    data_root: Path,
+    weights: Path,
+    tmp_path: Path,
+) -> None:
+    import lagnet.cli.evaluate as evaluate_cli
+
+    seen: list[Any] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        out = extract_features(*args, **kwargs)
+        seen.append(out.features)
+        return out
+
+    monkeypatch.setattr(evaluate_cli, "extract_features", recording)
+    code = main(["evaluate", "--weights", str(weights), "--dataset", "synthetic", "--root",
+                 str(data_root), "--no-progress", "--json"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    query_files = sorted((data_root / "query").glob("*.jpg"))
+    out = tmp_path / "q.npz"
+    code = main(["embed", "--weights", str(weights), "--images", str(data_root / "query"),
+                 "--output", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    with np.load(out) as npz:
+        names, embedded = npz["paths"].tolist(), npz["features"]
+    assert names == [p.name for p in query_files]
+    from lagnet.data import build_dataset
+
+    order = [Path(r.path).name for r in build_dataset("synthetic", data_root).query]
+    evaluated = seen[0].numpy()[[order.index(n) for n in names]]
+    np.testing.assert_allclose(embedded, evaluated, rtol=1e-5, atol=1e-6)
+    out.unlink()
+    assert main(["embed", "--weights", str(weights), "--images", str(data_root / "query"),
+                 "--output", str(out), "--no-progress", "--no-flip"]) == 0  # fmt: skip
+    with np.load(out) as npz:
+        assert np.abs(npz["features"] - embedded).max() > 1e-3  # without flip: other features

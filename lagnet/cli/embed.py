@@ -26,10 +26,13 @@ __all__ = ["EXAMPLES", "add_command", "find_images"]
 
 EXAMPLES = """\
   lagnet embed --weights runs/demo/best.pth --images crops/ --output features.npz
-  lagnet embed --weights runs/m/best.pth --images crops/ --output f.npz --flip --batch-size 128
+  lagnet embed --weights runs/m/best.pth --images crops/ --output f.npz --batch-size 128
+  lagnet embed --weights runs/m/best.pth --images crops/ --output f.npz --no-flip
 
 The .npz holds `features` (N, D) float32, L2-normalised, and `paths` (N,) str, the image paths
-relative to --images, sorted.
+relative to --images, sorted. As in lagnet evaluate, each embedding adds that of the mirrored
+image (flip test-time augmentation) unless --no-flip is given, so both commands give the same
+features for the same model.
 """
 
 
@@ -39,7 +42,13 @@ def add_command(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("--images", required=True, help="folder searched recursively for images")
     p.add_argument("--output", required=True, help="the .npz file to write")
-    p.add_argument("--flip", action="store_true", help="add the flipped image's embedding")
+    p.add_argument(
+        "--no-flip",
+        action="store_true",
+        help="no flip test-time augmentation (default: the embedding of the mirrored image is "
+        "added, as lagnet evaluate does)",
+    )
+    p.add_argument("--flip", action="store_true", help=argparse.SUPPRESS)  # the default since 0.1
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     add_cache_arguments(p)
@@ -100,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         log=cache_log,
     )
     feats = extract_features(
-        model, loader, flip=args.flip, device=device, progress=not args.no_progress
+        model, loader, flip=not args.no_flip, device=device, progress=not args.no_progress
     )
     buffer = io.BytesIO()
     np.savez(buffer, features=feats.features.numpy().astype(np.float32), paths=np.array(names))

@@ -21,6 +21,7 @@ from lagnet.cli._common import (
 )
 from lagnet.data import build_loader
 from lagnet.evaluation import evaluate_features, extract_features
+from lagnet.evaluation._kreciprocal import check_rerank_params
 from lagnet.runs import resolve_device
 
 __all__ = ["EXAMPLES", "add_command"]
@@ -42,7 +43,21 @@ def add_command(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--root", required=True, help="the dataset folder")
     add_folder_dataset_arguments(p)
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
-    p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
+    p.add_argument(
+        "--k1",
+        type=int,
+        default=20,
+        help="--rerank: neighbours of the k-reciprocal sets (default 20; at most the gallery size)",
+    )
+    p.add_argument(
+        "--k2", type=int, default=6, help="--rerank: neighbours of the query expansion (default 6)"
+    )
+    p.add_argument(
+        "--no-flip",
+        action="store_true",
+        help="no flip test-time augmentation (default: the embedding of the mirrored image is "
+        "added, as lagnet embed does)",
+    )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=64)
@@ -67,6 +82,14 @@ def run(args: argparse.Namespace) -> int:
     note = describe_missing(data)
     if note is not None:
         warn(note)
+    if args.rerank:  # before the extractions: the gallery's size is known now
+        try:
+            check_rerank_params(args.k1, args.k2, 0.3, len(data.query), len(data.gallery))
+        except ValueError as err:
+            raise ValueError(
+                f"--rerank: {err}; lower --k1 / --k2 (re-ranking with the default --k1 20 "
+                "needs at least 20 gallery images) or leave out --rerank"
+            ) from None
     model, meta = load_run_model(args.weights, device=device)
     show = not args.no_progress and not args.json
     loaders = [
@@ -91,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
     ]
     q, g = feats
     result = evaluate_features(
-        q.features, g.features, q.pids, g.pids, q.camids, g.camids, rerank=args.rerank
-    )
+        q.features, g.features, q.pids, g.pids, q.camids, g.camids,
+        rerank=args.rerank, k1=args.k1, k2=args.k2,
+    )  # fmt: skip
     cmc = result.cmc
     scores = {
         "mAP": result.mAP,

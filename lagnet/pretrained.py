@@ -292,7 +292,7 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
 
 def _load_folder(weights_file: Path, config_file: Path) -> LoadedWeights:
     config = _read_config(config_file)
-    source = str(config_file)
+    source = repr(str(config_file))
     args = _check_model_args(config["model_args"], source, MODEL_ARGS)
     size = config.get("input_size")
     try:
@@ -337,7 +337,7 @@ def load_weights(path: str | os.PathLike[str]) -> LoadedWeights:
     meta = obj.get("model_config") if isinstance(obj, dict) else None
     if meta is None:
         return LoadedWeights(state, None, None, None, source)
-    args = _check_model_args(meta, source + " (model_config)", _RUN_KEYS)
+    args = _check_model_args(meta, f"{source!r} (model_config)", _RUN_KEYS)
     height, width = meta.get("height"), meta.get("width")
     input_size = (int(height), int(width)) if height is not None and width is not None else None
     metrics = obj.get("metrics")

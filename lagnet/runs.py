@@ -6,6 +6,12 @@ epoch), ``best.pth`` (only ever replaced by a strictly better model), ``log.json
 *without writing anything*: a new run into a missing or empty folder, a resume whose recorded
 configuration matches, or a refusal that names the problem. Only :meth:`RunFolder.create`
 writes, once every argument is known to be good, so a failed start leaves no folder behind.
+
+Every epoch writes ``last.pth`` (the full resumable state) before ``best.pth`` (the deployable
+model: weights, model configuration and metrics), so a process killed at any moment leaves a
+folder that ``--resume`` continues; a resume also completes a ``best.pth`` or ``log.json`` that
+the kill cut short. A training holds the folder's lock (``.lock``: pid, host, start time) while
+it runs, so a second one is refused, and a lock left by a dead process is named and taken over.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -22,14 +29,20 @@ from typing import Any
 
 import torch
 
-from lagnet._io import atomic_write
+from lagnet._io import atomic_write, is_temporary, remove_stale_temporaries
 from lagnet.checkpoint import load_checkpoint, save_checkpoint, save_json
 
 __all__ = [
+    "BEST_KEYS",
     "CONFIG_NAME",
+    "LOCK_NAME",
+    "METRIC_NAMES",
     "RunFolder",
     "RunFolderError",
     "check_output_folder",
+    "deployable_checkpoint",
+    "entry_metrics",
+    "read_recorded_config",
     "resolve_device",
 ]
 
@@ -38,6 +51,13 @@ CONFIG_NAME = "config.json"
 
 LAST_NAME = "last.pth"
 BEST_NAME = "best.pth"
+LOG_NAME = "log.json"
+LOCK_NAME = ".lock"
+"""The lock file of a run folder: the holder's pid, host and start time while a run writes."""
+BEST_KEYS: tuple[str, ...] = ("model", "model_config", "config", "lagnet_version")
+"""What ``best.pth`` keeps of a run checkpoint, besides its ``metrics`` and ``epoch``."""
+METRIC_NAMES: tuple[str, ...] = ("mAP", "rank1", "rank5", "mINP")
+"""The scores of a log entry that ``best.pth`` records as its ``metrics``."""
 PREVIOUS_PREFIX = "previous-"
 """Old files moved aside by ``--overwrite`` go to ``previous-YYYYmmdd-HHMMSS/`` in the folder."""
 
@@ -91,8 +111,11 @@ def check_output_folder(path: str | os.PathLike[str], flag: str = "--output") ->
     once, so read-only file systems and missing permissions are found before any work.
 
     Raises:
-        ValueError: ``path`` or one of its parents is a file, or the folder is not writable.
+        ValueError: ``path`` is empty, ``path`` or one of its parents is a file, or the folder
+            is not writable.
     """
+    if not os.fspath(path).strip():
+        raise ValueError(f"{flag} is empty (an unset shell variable?); give the run folder's path")
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():
         raise ValueError(f"{flag} {str(target)!r} exists and is not a folder")
@@ -116,10 +139,17 @@ def _show(items: Iterable[str]) -> str:
 
 
 def _run_entries(path: Path) -> list[str]:
-    """Names in ``path`` that belong to a run (folders moved aside by --overwrite excluded)."""
+    """Names in ``path`` that belong to a run: not the folders moved aside by --overwrite, the
+    lock file, or the temporary files of an interrupted write."""
     if not path.is_dir():
         return []
-    return sorted(p.name for p in path.iterdir() if not p.name.startswith(PREVIOUS_PREFIX))
+    return sorted(
+        p.name
+        for p in path.iterdir()
+        if not p.name.startswith(PREVIOUS_PREFIX)
+        and p.name != LOCK_NAME
+        and not is_temporary(p.name)
+    )
 
 
 def _peek(path: Path) -> Any:
@@ -132,6 +162,174 @@ def _peek(path: Path) -> Any:
 
 def _value(value: Any) -> str:
     return json.dumps(value)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n} bytes"
+
+
+def deployable_checkpoint(
+    checkpoint: Mapping[str, Any], *, metrics: Mapping[str, float], epoch: int
+) -> dict[str, Any]:
+    """The ``best.pth`` of a run checkpoint: the model and what rebuilds and describes it.
+
+    ``{"model": state_dict, "model_config": {...}, "metrics": {...}, "epoch": int, "config":
+    {...}, "lagnet_version": str}``; no optimizer, scheduler or random state (about a quarter
+    of ``last.pth``). :func:`lagnet.build_lagnet` (``weights=``) and ``lagnet evaluate /
+    export / embed --weights`` load it, as they load ``last.pth`` and older full ``best.pth``.
+    """
+    kept = {k: checkpoint[k] for k in BEST_KEYS if k in checkpoint}
+    return {**kept, "metrics": dict(metrics), "epoch": int(epoch)}
+
+
+def read_recorded_config(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The settings the run in folder ``path`` recorded: its ``config.json``, else the
+    configuration in its ``last.pth``; ``None`` when there is neither (or it is unreadable)."""
+    folder = Path(path)
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+        if isinstance(config, dict):
+            return config
+    last = folder / LAST_NAME
+    ckpt = _peek(last) if last.is_file() else None
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    return dict(config) if isinstance(config, dict) else None
+
+
+def entry_metrics(entry: Mapping[str, Any]) -> dict[str, float]:
+    """The scores (:data:`METRIC_NAMES`) of a log entry."""
+    return {k: float(entry[k]) for k in METRIC_NAMES if k in entry}
+
+
+def _best_record(obj: Any, metric_key: str) -> tuple[float, int] | None:
+    """``(score, epoch)`` of a ``best.pth``: the deployable form, or an older full checkpoint."""
+    if not isinstance(obj, dict):
+        return None
+    try:
+        if "metrics" in obj and "epoch" in obj:
+            return float(obj["metrics"][metric_key.removeprefix("best_")]), int(obj["epoch"])
+        return float(obj["state"][metric_key]), int(obj["state"]["epoch"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _holder(text: str) -> dict[str, Any] | None:
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return info if isinstance(info, dict) and "pid" in info else None
+
+
+def _describe_holder(info: Mapping[str, Any]) -> str:
+    started = info.get("started")
+    when = (
+        time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(started)))
+        if isinstance(started, (int, float))
+        else "at an unknown time"
+    )
+    return f"pid {info.get('pid')} on host {info.get('host')!s}, started {when}"
+
+
+def _process_gone(info: Mapping[str, Any]) -> bool:
+    """True when ``info`` names a process of this host that no longer runs."""
+    if info.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, TypeError):
+        return False
+    return False
+
+
+class _Lock:
+    """The exclusive lock of a run folder (``.lock``), held until :meth:`release`.
+
+    POSIX: ``fcntl.flock`` on the file, so the kernel releases it when the holder dies however
+    it dies; the file keeps the holder's pid, host and start time, emptied on release, so a
+    lock left filled was left by a process that died (a stale lock, named and taken over).
+    Elsewhere: the file is created exclusively (``O_EXCL``) and removed on release; a stale one
+    is taken over only when it names a process of this host that no longer runs.
+    """
+
+    def __init__(self, folder: Path, flag: str) -> None:
+        self.path = folder / LOCK_NAME
+        self.flag = flag
+        self.fd: int | None = None
+        self.notes: list[str] = []
+        self.created = False
+
+    def _me(self) -> bytes:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        return (json.dumps(info) + "\n").encode()
+
+    def _refuse(self, info: Mapping[str, Any] | None) -> RunFolderError:
+        who = _describe_holder(info) if info else "another process"
+        return RunFolderError(
+            f"{self.flag} {str(self.path.parent)!r} is in use by another training ({who}; lock "
+            f"file {LOCK_NAME}); wait for it to end, or choose another {self.flag}"
+        )
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            self._acquire_exclusive()
+            return
+        self.created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise self._refuse(_holder(self.path.read_text(errors="replace"))) from None
+        previous = _holder(os.pread(fd, 4096, 0).decode(errors="replace"))
+        if previous is not None:
+            self.notes.append(
+                f"taking over the stale lock of {_describe_holder(previous)}: that process "
+                "ended without releasing it (killed?)"
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, self._me(), 0)
+        self.fd = fd
+
+    def _acquire_exclusive(self) -> None:  # pragma: no cover - not POSIX
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                info = _holder(self.path.read_text(errors="replace"))
+                if info is None or not _process_gone(info):
+                    raise self._refuse(info) from None
+                self.notes.append(
+                    f"taking over the stale lock of {_describe_holder(info)}: that process no "
+                    "longer runs"
+                )
+                self.path.unlink(missing_ok=True)
+                continue
+            os.write(fd, self._me())
+            self.fd = fd
+            return
+        raise self._refuse(None)
+
+    def release(self, *, undo: bool = False) -> None:
+        """Release the lock; ``undo`` also removes a lock file this lock created."""
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+            return
+        if undo and self.created:
+            self.path.unlink(missing_ok=True)
+        os.ftruncate(fd, 0)  # an empty lock file: released cleanly
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 @dataclass
@@ -156,6 +354,10 @@ class RunFolder:
     overwrite: bool = False
     notes: list[str] = field(default_factory=list)
     best_metric: float = float("-inf")
+    metric_key: str = "best_mAP"
+    flag: str = "--output"
+    _replace_config: bool = False
+    _lock: _Lock | None = None
 
     @classmethod
     def open(
@@ -168,9 +370,13 @@ class RunFolder:
         fixed_keys: Iterable[str] = (),
         epochs_key: str = "epochs",
         metric_key: str = "best_mAP",
+        milestones_key: str = "milestones",
         flag: str = "--output",
     ) -> RunFolder:
         """Check what a start with ``config`` may do in ``path``; writes nothing.
+
+        A folder that holds only ``config.json`` (a start that stopped before its first epoch
+        ended) holds no trained state: a start, with or without ``resume``, begins afresh.
 
         Args:
             path: the run folder.
@@ -178,8 +384,10 @@ class RunFolder:
             resume: continue the run recorded in ``path/last.pth``.
             overwrite: move an existing run's files aside (into ``previous-<time>/``).
             fixed_keys: settings a resume may not change (the differing ones are listed).
-            epochs_key: the key of the epoch count (a resume may raise it).
+            epochs_key: the key of the epoch count (a resume may raise or lower it).
             metric_key: the key of ``checkpoint["state"]`` holding the best score so far.
+            milestones_key: the key of the epochs where the learning rate steps down (a
+                shortened run that no longer reaches one says so).
 
         Raises:
             RunFolderError: a run exists and neither ``resume`` nor ``overwrite`` is given;
@@ -188,12 +396,18 @@ class RunFolder:
             ValueError: ``path`` is not a writable folder.
         """
         target = check_output_folder(path, flag)
-        run = cls(target, dict(config), overwrite=overwrite)
+        run = cls(target, dict(config), overwrite=overwrite, metric_key=metric_key, flag=flag)
         if resume and overwrite:
             raise RunFolderError("--resume and --overwrite exclude each other: choose one")
         entries = _run_entries(target)
         last = target / LAST_NAME
-        if resume:
+        if entries == [CONFIG_NAME]:
+            run._replace_config = True
+            run.notes.append(
+                f"{str(target)!r} holds only {CONFIG_NAME} (a start that stopped before its "
+                "first epoch ended, no trained state): starting the run afresh"
+            )
+        elif resume:
             if not target.exists():
                 raise RunFolderError(
                     f"--resume: the run folder {str(target)!r} does not exist "
@@ -205,7 +419,7 @@ class RunFolder:
                     f"--resume: no checkpoint {str(last)!r} to resume from ({held}); "
                     "start a new run without --resume"
                 )
-            run._resume_from(last, fixed_keys, epochs_key, metric_key)
+            run._resume_from(last, fixed_keys, epochs_key, milestones_key)
         elif entries:
             if not overwrite:
                 raise RunFolderError(
@@ -233,7 +447,7 @@ class RunFolder:
         return f"a run ({status}: {done} of {total} epochs done)"
 
     def _resume_from(
-        self, last: Path, fixed_keys: Iterable[str], epochs_key: str, metric_key: str
+        self, last: Path, fixed_keys: Iterable[str], epochs_key: str, milestones_key: str
     ) -> None:
         ckpt = load_checkpoint(last, what="run checkpoint")
         recorded = ckpt.get("config") if isinstance(ckpt, dict) else None
@@ -258,7 +472,7 @@ class RunFolder:
         wanted = int(self.config[epochs_key])
         self.checkpoint = ckpt
         self.start_epoch = done
-        self.best_metric = self._best_so_far(state, metric_key)
+        self.best_metric = self._best_so_far(state)
         if wanted <= done:
             self.finished = True
             self.notes.append(
@@ -266,10 +480,16 @@ class RunFolder:
                 f"nothing to do (pass --epochs above {done} to train further)"
             )
             return
-        if wanted != recorded.get(epochs_key):
-            self.notes.append(
-                f"extending the run from {recorded.get(epochs_key)} to {wanted} epochs "
-                f"({done} done)"
+        before = recorded.get(epochs_key)
+        if isinstance(before, int) and wanted != before:
+            change = "extending" if wanted > before else "shortening"
+            self.notes.append(f"{change} the run from {before} to {wanted} epochs ({done} done)")
+            steps = recorded.get(milestones_key) or []
+            lost = [m for m in steps if isinstance(m, int) and wanted <= m < before]
+            self.notes.extend(
+                f"warning: the learning-rate step at milestone {m} (x0.1 from epoch {m + 1} on) "
+                f"is no longer reached in {wanted} epochs"
+                for m in lost
             )
         for key in sorted(set(self.config) - set(fixed)):
             if key in recorded and key != epochs_key and recorded[key] != self.config[key]:
@@ -278,29 +498,111 @@ class RunFolder:
                 )
         self.notes.insert(0, f"resuming {str(last)!r} after epoch {done}")
 
-    def _best_so_far(self, state: Mapping[str, Any], metric_key: str) -> float:
-        best = float(state.get(metric_key, float("-inf")))
+    def _best_so_far(self, state: Mapping[str, Any]) -> float:
+        best = float(state.get(self.metric_key, float("-inf")))
         best_file = self.path / BEST_NAME
-        if best_file.is_file():  # best.pth may be newer than last.pth after a crash
-            # a file that is not a run checkpoint leaves the recorded score as it is
-            with contextlib.suppress(KeyError, TypeError, ValueError):
-                best = max(best, float(_peek(best_file)["state"][metric_key]))
+        if best_file.is_file():  # best.pth may be newer than last.pth (older lagnet wrote it first)
+            record = _best_record(_peek(best_file), self.metric_key)
+            if record is not None:  # a file that is not a run checkpoint leaves the score as is
+                best = max(best, record[0])
         return best
 
-    def create(self, *, write_config: bool = True) -> None:
-        """Make the folder (moving an earlier run aside with ``overwrite``), record the config.
+    def create(self, *, write_config: bool = True) -> list[str]:
+        """Make the folder, take its lock, and prepare it for training.
+
+        Removes the temporary files of an interrupted write, moves an earlier run aside with
+        ``overwrite``, records the config and, when resuming, completes what a kill cut short
+        (:meth:`complete`). The lock is held until :meth:`close` (or the process ends).
+
+        Returns:
+            What was done besides, one line each (a stale lock taken over, files removed).
 
         Raises:
-            RunFolderError: the earlier files cannot be moved aside (nothing is changed then).
+            RunFolderError: another training holds the folder; the earlier files cannot be
+                moved aside (nothing is changed then).
         """
         if self.finished:
-            raise RuntimeError("a finished run is not created again")
-        entries = _run_entries(self.path)
-        if self.checkpoint is None and entries:
-            self._move_aside(entries)
+            raise RuntimeError("a finished run is not created again (see RunFolder.complete)")
         self.path.mkdir(parents=True, exist_ok=True)
+        said = self._take()
+        entries = _run_entries(self.path)
+        if self.checkpoint is None and entries and not self._replace_config:
+            try:
+                self._move_aside(entries)
+            except BaseException:
+                assert self._lock is not None
+                self._lock.release(undo=True)  # nothing was changed: no lock file either
+                self._lock = None
+                raise
         if write_config:
             save_json(self.config, self.path / CONFIG_NAME)
+        if self.checkpoint is not None:
+            said += self._repair()
+        return said
+
+    def complete(self) -> list[str]:
+        """For a finished run: take the lock, remove temporary files left by a kill, and
+        rewrite ``best.pth`` / ``log.json`` if a kill cut them short; then release the lock.
+
+        Returns:
+            What was done, one line each.
+        """
+        if self.checkpoint is None:
+            return []
+        try:
+            said = self._take()
+            return said + self._repair()
+        finally:
+            self.close()
+
+    def _take(self) -> list[str]:
+        if self._lock is None:
+            self._lock = _Lock(self.path, self.flag)
+            self._lock.acquire()
+        said = list(self._lock.notes)
+        removed = remove_stale_temporaries(self.path)
+        if removed:
+            names = _show(f"{name} ({_size(size)})" for name, size in removed)
+            said.append(
+                f"removed {len(removed)} temporary file(s) left by an interrupted write: {names}"
+            )
+        return said
+
+    def _repair(self) -> list[str]:
+        """Rewrite the ``best.pth`` and ``log.json`` of the epoch in ``last.pth`` if a kill
+        stopped their writes (``last.pth`` is always written first)."""
+        assert self.checkpoint is not None
+        state = self.checkpoint.get("state", {})
+        history = state.get("history", [])
+        said: list[str] = []
+        done = int(state.get("epoch", 0))
+        last_entry = history[-1] if history else {}
+        key = self.metric_key.removeprefix("best_")
+        best_here = (
+            key in last_entry
+            and state.get("best_epoch", last_entry.get("epoch")) == done
+            and float(last_entry[key]) == float(state.get(self.metric_key, float("nan")))
+        )
+        if best_here:
+            record = _best_record(_peek(self.path / BEST_NAME), self.metric_key)
+            if record is None or record[1] != done:
+                metrics = entry_metrics(last_entry)
+                best = deployable_checkpoint(self.checkpoint, metrics=metrics, epoch=done)
+                save_checkpoint(best, self.path / BEST_NAME)
+                self.best_metric = float(last_entry[key])
+                said.append(f"wrote {BEST_NAME} of epoch {done} (its write was interrupted)")
+        log = self.path / LOG_NAME
+        text = json.dumps(history, indent=2)
+        if not log.is_file() or log.read_text(errors="replace") != text:
+            save_json(history, log)
+            said.append(f"wrote {LOG_NAME} up to epoch {done} (its write was interrupted)")
+        return said
+
+    def close(self) -> None:
+        """Release the folder's lock (a no-op when it is not held)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _move_aside(self, entries: list[str]) -> Path:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -327,13 +629,28 @@ class RunFolder:
         return aside
 
     def save_last(self, checkpoint: Any) -> Path:
-        """Write ``last.pth`` atomically."""
+        """Write ``last.pth`` (the full resumable state) atomically; call it before
+        :meth:`save_best`, so every epoch is resumable whenever the process dies."""
         return save_checkpoint(checkpoint, self.path / LAST_NAME)
 
-    def save_best(self, checkpoint: Any, metric: float) -> bool:
-        """Write ``best.pth`` if ``metric`` is strictly better than every earlier best."""
+    def save_best(
+        self,
+        checkpoint: Any,
+        metric: float,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        epoch: int | None = None,
+    ) -> bool:
+        """Write ``best.pth`` if ``metric`` is strictly better than every earlier best.
+
+        With ``metrics`` and ``epoch`` (as ``lagnet train`` passes them), ``checkpoint`` is a
+        run checkpoint and ``best.pth`` its deployable part (:func:`deployable_checkpoint`);
+        without them, ``checkpoint`` is written as it is.
+        """
         if not metric > self.best_metric:
             return False
+        if metrics is not None and epoch is not None:
+            checkpoint = deployable_checkpoint(checkpoint, metrics=metrics, epoch=epoch)
         save_checkpoint(checkpoint, self.path / BEST_NAME)
         self.best_metric = metric
         return True

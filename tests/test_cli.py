@@ -558,8 +558,9 @@ def finished_run(
 def test_train_writes_a_complete_run_folder(finished_run: tuple[Path, dict[str, bytes]]) -> None:
     out, files = finished_run
     assert sorted(files) == sorted(
-        ["best.pth", "config.json", "curves.png", "last.pth", "log.json", "summary.json"]
-    )
+        [".lock", "best.pth", "config.json", "curves.png", "last.pth", "log.json",
+         "summary.json", "pretrained/config.json", "pretrained/model.safetensors"]
+    )  # fmt: skip
     config = json.loads(files["config.json"])
     assert {k: config[k] for k in ("preset", "epochs", "backbone", "variant", "P", "K")} == {
         "preset": "tiny", "epochs": 2, "backbone": "resnet18", "variant": "paper", "P": 2, "K": 2,
@@ -576,8 +577,25 @@ def test_train_writes_a_complete_run_folder(finished_run: tuple[Path, dict[str, 
     log = json.loads(files["log.json"])
     assert [e["epoch"] for e in log] == [1, 2]
     assert summary["trained"] == {k: log[-1][k] for k in ("mAP", "rank1", "rank5", "mINP")}
-    best = load_checkpoint(out / "best.pth")["state"]
-    assert best["best_mAP"] == max(e["mAP"] for e in log)
+    assert files[".lock"] == b""  # released: no holder recorded
+    # best.pth is the deployable model (no optimizer state): about a quarter of last.pth
+    best = load_checkpoint(out / "best.pth")
+    assert sorted(best) == ["config", "epoch", "lagnet_version", "metrics", "model",
+                            "model_config"]  # fmt: skip
+    best_entry = max(log, key=lambda e: e["mAP"])
+    assert best["metrics"] == {k: best_entry[k] for k in ("mAP", "rank1", "rank5", "mINP")}
+    assert best["epoch"] == best_entry["epoch"] and best["model_config"] == last["model_config"]
+    assert 0.2 < len(files["best.pth"]) / len(files["last.pth"]) < 0.3
+    # the pretrained folder of the best model: the weights of best.pth, its scores, its size
+    shared = json.loads(files["pretrained/config.json"])
+    assert shared["metrics"]["mAP"] == max(e["mAP"] for e in log)
+    assert shared["input_size"] == [64, 32] and shared["model_args"]["num_classes"] == 8
+    from lagnet import from_pretrained
+
+    state = from_pretrained(out / "pretrained").state_dict()
+    best_state = load_checkpoint(out / "best.pth")["model"]
+    assert list(state) == list(best_state)
+    assert all(torch.equal(state[k], best_state[k]) for k in state)
 
 
 def test_rerun_into_a_finished_run_is_refused(
@@ -605,6 +623,7 @@ def test_resume_of_the_finished_run_writes_nothing(
     code, stdout, err = run_cli(capsys, *tiny(out, data_root, "--resume", "--epochs", epochs))
     assert (code, err) == (0, "")
     assert stdout == (
+        f"run folder: {out.absolute()}\n"
         f"the run in {str(out)!r} is finished: 2 of {epochs} epochs done, nothing to do "
         "(pass --epochs above 2 to train further)\n"
     )
@@ -658,6 +677,7 @@ def test_extend_overwrite_and_best_only_if_better(
     code, stdout, err = run_cli(capsys, *tiny(out, data_root, "--resume", "--epochs", "3"))
     assert code == 0, err
     assert stdout.startswith(
+        f"run folder: {out.absolute()}\n"
         f"resuming {str(out / 'last.pth')!r} after epoch 2\n"
         "extending the run from 2 to 3 epochs (2 done)\n"
     )
@@ -667,7 +687,7 @@ def test_extend_overwrite_and_best_only_if_better(
     old_best = max(e["mAP"] for e in log[:2])
     replaced = (out / "best.pth").read_bytes() != files["best.pth"]
     assert replaced == (log[2]["mAP"] > old_best)
-    assert load_checkpoint(out / "best.pth")["state"]["best_mAP"] == max(e["mAP"] for e in log)
+    assert load_checkpoint(out / "best.pth")["metrics"]["mAP"] == max(e["mAP"] for e in log)
     assert json.loads((out / "config.json").read_text())["epochs"] == 3
 
     before = snapshot(out)

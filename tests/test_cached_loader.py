@@ -3,6 +3,11 @@ device placement, where a cache goes, argument checks."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -148,6 +153,26 @@ def test_device_placement(small: ImageCache, device: torch.device) -> None:
     assert next(iter(on_device))[0].device.type == device.type
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_never_sync(small: ImageCache) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    transform = BatchTransform(4, 2, train=True, generator=gen)
+    for source in (small.to("cuda"), small.to("cpu", pin_memory=True)):
+        loader = CachedLoader(
+            source, [0] * 10, [0] * 10, batch_size=4, transform=transform, sampler=[3, 1, 4, 1, 5],
+            device="cuda",
+        )  # fmt: skip
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            batches = list(loader)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert [b[0].shape[0] for b in batches] == [4, 1]
+        assert all(b[0].device.type == "cuda" for b in batches)
+
+
 def test_bad_arguments(small: ImageCache) -> None:
     ok: dict[str, object] = {
         "cache": small,
@@ -227,3 +252,27 @@ def test_choose_cache_bad_arguments() -> None:
 def test_available_memory_reads_meminfo() -> None:
     available = cl.available_memory()
     assert available is not None and available > 0
+
+
+@pytest.mark.slow
+def test_bench_data_smoke_runs(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_data.py"
+    out = tmp_path / "data.json"
+    args = ["--images", "16", "--passes", "1", "--batch-size", "8", "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=600,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("bench_data: 16 JPEG crops 128x64 -> 384x128, batch 8, torch ")
+    saved = json.loads(out.read_text())
+    settings = ["pil-workers-0", "pil-workers-1", "pil-workers-2", "cache-cpu"]
+    if torch.cuda.is_available():
+        settings += ["cache-cuda", "cache-pinned-cuda"]
+    for preset in ("train", "test"):
+        assert list(saved[preset]) == settings
+        assert all(saved[preset][s] > 0 for s in settings)
+        ratio = saved[preset]["cache-cpu"] / saved[preset]["pil-workers-0"]
+        assert f"{preset}: cache-cpu / pil-workers-0 = {ratio:.2f}x" in done.stdout
+    assert saved["cache-build"] > 0

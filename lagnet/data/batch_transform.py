@@ -244,9 +244,11 @@ class BatchTransform(nn.Module):
         if constants is None:
             # Tensors on the device, never Python scalars: CUDA divides by a CPU scalar as a
             # multiplication by its reciprocal, which is not bit-identical to the CPU path.
-            scale = torch.full((1, 1, 1), 255.0, dtype=torch.float32, device=device)
-            mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(3, 1, 1)
-            std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(3, 1, 1)
+            # Sent without blocking: the first batch does not synchronise either.
+            values = torch.tensor(
+                [[255.0] * 3, list(IMAGENET_MEAN), list(IMAGENET_STD)], dtype=torch.float32
+            ).view(3, 3, 1, 1)
+            scale, mean, std = values.to(device, non_blocking=True).unbind(0)
             constants = (scale, mean, std)
             self._constants[device] = constants
         return constants

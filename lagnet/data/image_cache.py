@@ -74,9 +74,9 @@ def _human(nbytes: int) -> str:
 class ImageCache:
     """A split's images decoded and bicubic-resized once: ``images`` ``(N, 3, H, W)`` uint8.
 
-    ``images[i]`` equals ``(ToTensor()(Resize((H, W), BICUBIC)(read_image(paths[i]))) * 255)`` as
-    uint8, bit for bit: the pixels the PIL path of :func:`lagnet.data.build_transforms` hands to
-    ``ToTensor``.
+    ``images[i]`` holds, channels first, the uint8 pixels of
+    ``Resize((H, W), BICUBIC)(read_image(paths[i]))``: exactly what the PIL path of
+    :func:`lagnet.data.build_transforms` hands to ``ToTensor``.
 
     Args:
         paths: the image files, in dataset order (``images[i]`` is ``paths[i]``).

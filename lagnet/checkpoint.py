@@ -50,12 +50,72 @@ def load_checkpoint(
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as err:  # UnpicklingError for code, RuntimeError/EOFError for corruption
+        other = _describe_non_checkpoint(p)
+        if other is not None:
+            raise ValueError(
+                f"{what} file {str(p)!r} is not a checkpoint: it is {other} (a checkpoint is "
+                "a file written by torch.save, such as best.pth or last.pth of lagnet train)"
+            ) from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"refusing to load {what} from {str(p)!r}: it is not a plain tensor checkpoint "
             f"(torch.load with weights_only=True failed: {first}). Files that carry pickled "
             "code are never executed; re-save the state_dict alone."
         ) from err
+
+
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"%PDF", "a PDF document"),
+)
+
+
+def _describe_non_checkpoint(path: Path) -> str | None:
+    """What ``path`` is when its first bytes show it is not a ``torch.save`` file (a JSON or
+    text file, an image, a NumPy array, ...), or ``None`` when it may be one (a zip archive
+    holding ``data.pkl``, a legacy pickle, or bytes that say nothing)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):  # torch's zip format, or another zip (e.g. .npz)
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (OSError, zipfile.BadZipFile):
+            return None
+        if any(n.endswith("data.pkl") for n in names):
+            return None
+        npz = names and all(n.endswith(".npy") for n in names)
+        return "a NumPy .npz archive" if npz else "a zip archive without data.pkl"
+    if head[:1] == b"\x80":  # a pickle: torch's legacy format
+        return None
+    if head[8:9] == b"{" and b"\x00" in head[:8]:  # safetensors: header length, then JSON
+        return None
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    text = head.lstrip()
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError:  # may end inside a character: judge the rest
+        decoded = text[:-4].decode("utf-8", errors="replace")
+        if "\ufffd" in decoded:
+            return None
+    if decoded[:1] in ("{", "["):
+        return "a JSON file"
+    if all(c.isprintable() or c in "\n\r\t" for c in decoded):
+        return "a text file"
+    return None
 
 
 def load_state_dict_file(path: str | os.PathLike[str], *, what: str = "weights") -> dict[str, Any]:

@@ -344,3 +344,68 @@ def test_embed_and_evaluate_give_the_same_features_by_default(
                  "--output", str(out), "--no-progress", "--no-flip"]) == 0  # fmt: skip
     with np.load(out) as npz:
         assert np.abs(npz["features"] - embedded).max() > 1e-3  # without flip: other features
+
+
+# --- files that are not what they should be ----------------------------------------------------
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [
+        (b'{"num_classes": 751}\n', "a JSON file"),
+        (b"  [1, 2]", "a JSON file"),
+        (b"epoch 1 loss 2.3\n", "a text file"),
+        (b"", "an empty file"),
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF", "a JPEG image"),
+        (b"\x93NUMPY\x01\x00", "a NumPy .npy array"),
+    ],
+)
+def test_weights_that_are_not_a_checkpoint_say_what_they_are(
+    tmp_path: Path, content: bytes, what: str
+) -> None:
+    from lagnet.checkpoint import load_checkpoint
+
+    path = tmp_path / "config.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(path, what="weights")
+    assert str(info.value) == (
+        f"weights file {str(path)!r} is not a checkpoint: it is {what} (a checkpoint is a file "
+        "written by torch.save, such as best.pth or last.pth of lagnet train)"
+    )
+
+
+def test_weights_png_and_npz_on_the_command_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "crops").mkdir()
+    (tmp_path / "crops" / "a.png").write_bytes(_png_bytes())
+    (tmp_path / "w.png").write_bytes(_png_bytes())
+    np.savez(tmp_path / "w.npz", features=np.zeros((1, 2)))
+    for name, what in (("w.png", "a PNG image"), ("w.npz", "a NumPy .npz archive")):
+        code = main(["embed", "--weights", str(tmp_path / name), "--images",
+                     str(tmp_path / "crops"), "--output", str(tmp_path / "f.npz")])  # fmt: skip
+        assert code == 2
+        one_error_line(
+            capsys.readouterr().err,
+            f"weights file {str(tmp_path / name)!r} is not a checkpoint: it is {what} (",
+        )
+    # real checkpoints, pickled code and corrupt files keep their own messages
+    from lagnet.checkpoint import _describe_non_checkpoint
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "ok.pth")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert _describe_non_checkpoint(tmp_path / "ok.pth") is None
+    assert _describe_non_checkpoint(tmp_path / "legacy.pth") is None
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "ok.pth").read_bytes()[:100])
+    assert _describe_non_checkpoint(tmp_path / "cut.pth") is None

@@ -405,6 +405,10 @@ def test_weights_without_a_configuration_are_one_line(
     code, out, err = cli(capsys, "embed", "--weights", str(bare), "--images",
                          str(data_root / "query"), "--output", str(tmp_path / "f.npz"))  # fmt: skip
     assert code == 2 and out == ""
-    assert err.startswith(f"lagnet: error: --weights {str(bare)!r} records no model configuration")
+    assert err.startswith(
+        f"lagnet: error: --weights {str(bare)!r} is not a checkpoint of `lagnet train` (best.pth), "
+        "a pretrained folder (model.safetensors + config.json) or a .safetensors file with its "
+        "config.json: it records no model configuration"
+    )
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "f.npz").exists()

@@ -223,10 +223,10 @@ def load_run_model(
     loaded = load_weights(Path(path).expanduser())
     if loaded.model_args is None or loaded.input_size is None:
         raise ValueError(
-            f"--weights {os.fspath(path)!r} records no model configuration or input size: "
-            "pass a run checkpoint of `lagnet train` (best.pth), a pretrained folder "
-            "(model.safetensors + config.json) or a .safetensors file with its config.json; "
-            "for other weights use lagnet.build_lagnet(..., weights=)"
+            f"--weights {os.fspath(path)!r} is not a checkpoint of `lagnet train` (best.pth), a "
+            "pretrained folder (model.safetensors + config.json) or a .safetensors file with "
+            "its config.json: it records no model configuration; for other weights use "
+            "lagnet.build_lagnet(..., weights=)"
         )
     model = model_from_weights(loaded)
     height, width = loaded.input_size

@@ -256,8 +256,16 @@ def build_lagnet(
     return model_from_weights(load_weights(weights), **given)
 
 
+def few_keys(keys: list[str], limit: int = 5) -> str:
+    """``keys`` for an error message: all of them up to ``limit``, else the first ``limit``
+    and how many there are (a model has hundreds of keys)."""
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return f"[{shown}]" + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+
 def load_checked(model: nn.Module, state: dict[str, Tensor], *, source: str) -> None:
-    """``load_state_dict`` that names every missing, unexpected or mis-shaped key."""
+    """``load_state_dict`` that names the missing, unexpected or mis-shaped keys (the first
+    five of each and their count)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -268,11 +276,11 @@ def load_checked(model: nn.Module, state: dict[str, Tensor], *, source: str) -> 
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys: {missing}")
+        problems.append(f"missing keys: {few_keys(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {unexpected}")
+        problems.append(f"unexpected keys: {few_keys(unexpected)}")
     if shapes:
-        problems.append(f"mis-shaped keys: {shapes}")
+        problems.append(f"mis-shaped keys: {few_keys(shapes)}")
     if problems:
         name = type(model).__name__
         raise ValueError(f"cannot load {source} into {name}: " + "; ".join(problems))

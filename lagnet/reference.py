@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from lagnet.checkpoint import load_state_dict_file
-from lagnet.model import LAGNet, load_checked
+from lagnet.model import LAGNet, few_keys, load_checked
 
 __all__ = ["IGNORED_PREFIXES", "from_reference", "reference_key_to_lagnet"]
 
@@ -156,7 +156,7 @@ def from_reference(
         if new is not None:
             mapped[new] = value
     if unknown:
-        raise ValueError(f"cannot load {source}: unexpected keys {sorted(unknown)}")
+        raise ValueError(f"cannot load {source}: unexpected keys {few_keys(sorted(unknown))}")
     model = LAGNet(
         num_classes,
         backbone=backbone,

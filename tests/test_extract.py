@@ -159,7 +159,7 @@ class ReturnsWrongShape(nn.Module):
         ),
         (Tiny(), [(torch.zeros(2, 3, 4, 6), [0], [0, 0])], ValueError, r"pids has shape \(1,\)"),
         (Tiny(), [(torch.zeros(2, 3, 4, 6), [0, 1], [0.5, 0.0])], TypeError, "camids must be int"),
-        (Tiny(), [{"images": torch.zeros(1, 3, 4, 6), "pids": [0]}], ValueError, "missing keys"),
+        (Tiny(), [{"images": torch.zeros(1, 3, 4, 6), "pids": [0]}], ValueError, "lacks"),
         (Tiny(), [torch.zeros(2, 3, 4, 6)], TypeError, "tuple or a dict, got Tensor"),
         (Tiny(), [(torch.zeros(2, 3, 4, 6), [0, 1])], ValueError, "got 2 items"),
         (Tiny(), [3], TypeError, "got int"),

@@ -409,3 +409,48 @@ def test_weights_png_and_npz_on_the_command_line(
     assert _describe_non_checkpoint(tmp_path / "legacy.pth") is None
     (tmp_path / "cut.pth").write_bytes((tmp_path / "ok.pth").read_bytes()[:100])
     assert _describe_non_checkpoint(tmp_path / "cut.pth") is None
+
+
+def test_missing_keys_show_five_and_a_count() -> None:
+    from lagnet.model import few_keys, load_checked
+
+    model = build_lagnet(8, backbone="resnet18", num_attentions=4)
+    state = model.state_dict()
+    dropped = sorted(k for k in state if k.startswith("drop_head."))
+    assert len(dropped) == 12
+    kept = {k: v for k, v in state.items() if k not in dropped}
+    with pytest.raises(ValueError) as info:
+        load_checked(model, kept, source="x.pth")
+    assert str(info.value) == (
+        "cannot load x.pth into LAGNet: missing keys: ['drop_head.bottleneck.bias', "
+        "'drop_head.bottleneck.num_batches_tracked', 'drop_head.bottleneck.running_mean', "
+        "'drop_head.bottleneck.running_var', 'drop_head.bottleneck.weight'] (and 7 more)"
+    )
+    assert few_keys(["a", "b"]) == "['a', 'b']"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("variant", "Paper", "(model_config): unknown variant 'Paper' (key 'variant')"),
+        ("num_attentions", "four", ": num_attentions must be an int, got str ('four')"),
+    ],
+)
+def test_bad_model_config_in_a_checkpoint_names_the_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, key: str, value: str, message: str
+) -> None:
+    from lagnet.checkpoint import save_checkpoint
+
+    model = build_lagnet(8, backbone="resnet18", num_attentions=4)
+    config = {"num_classes": 8, "backbone": "resnet18", "variant": "paper",
+              "num_attentions": 4, "height": 64, "width": 32, key: value}  # fmt: skip
+    path = tmp_path / "best.pth"
+    save_checkpoint({"model": model.state_dict(), "model_config": config}, path)
+    (tmp_path / "crops").mkdir()
+    (tmp_path / "crops" / "a.png").write_bytes(_png_bytes())
+    code = main(["embed", "--weights", str(path), "--images", str(tmp_path / "crops"),
+                 "--output", str(tmp_path / "f.npz")])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and message in err, err
+    one_error_line(err, "")

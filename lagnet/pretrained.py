@@ -403,8 +403,8 @@ def _locate(name_or_path: str | os.PathLike[str], revision: str | None) -> Path:
     except (OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise OSError(
-            f"cannot get {name_or_path!r} from the Hugging Face Hub ({first}); check the id "
-            "and the network, or download the folder and pass its path"
+            f"{name_or_path!r} is no local folder, and getting it from the Hugging Face Hub "
+            f"failed ({first}); check the path or the hub id and the network"
         ) from err
     return Path(folder)
 

@@ -176,8 +176,9 @@ def test_hub_failures_and_unknown_names_are_one_line(
         raise huggingface_hub.errors.LocalEntryNotFoundError("cannot reach the Hub\nmore lines")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(OSError, match=r"^cannot get 'org/name' from the Hugging Face Hub \(cannot "
-                       r"reach the Hub\); check the id and the network"):  # fmt: skip
+    with pytest.raises(OSError, match=r"^'org/name' is no local folder, and getting it from the "
+                       r"Hugging Face Hub failed \(cannot reach the Hub\); check the path or the "
+                       "hub id and the network$"):  # fmt: skip
         lagnet.from_pretrained("org/name")
     with pytest.raises(FileNotFoundError, match="neither an existing folder or file nor a hub id"):
         lagnet.from_pretrained(str(tmp_path / "nope"))

@@ -357,6 +357,7 @@ class RunFolder:
     metric_key: str = "best_mAP"
     flag: str = "--output"
     _replace_config: bool = False
+    _created: bool = False
     _lock: _Lock | None = None
 
     @classmethod
@@ -524,7 +525,8 @@ class RunFolder:
         if self.finished:
             raise RuntimeError("a finished run is not created again (see RunFolder.complete)")
         self.path.mkdir(parents=True, exist_ok=True)
-        said = self._take()
+        said = [] if self._lock is not None else self._take()
+        self._created = True
         entries = _run_entries(self.path)
         if self.checkpoint is None and entries and not self._replace_config:
             try:
@@ -550,10 +552,23 @@ class RunFolder:
         if self.checkpoint is None:
             return []
         try:
-            said = self._take()
+            said = [] if self._lock is not None else self._take()
+            self._created = True
             return said + self._repair()
         finally:
             self.close()
+
+    def lock(self) -> list[str]:
+        """Take the folder's lock now if the folder exists (a resume or an overwrite), so a
+        second training is refused before any work; :meth:`create` takes it otherwise.
+
+        Returns:
+            What was done besides, one line each (a stale lock taken over, files removed).
+
+        Raises:
+            RunFolderError: another training holds the folder.
+        """
+        return self._take() if self.path.is_dir() else []
 
     def _take(self) -> list[str]:
         if self._lock is None:
@@ -599,9 +614,10 @@ class RunFolder:
         return said
 
     def close(self) -> None:
-        """Release the folder's lock (a no-op when it is not held)."""
+        """Release the folder's lock (a no-op when it is not held). A start that ended
+        before :meth:`create` also removes the lock file it made, leaving the folder as it was."""
         if self._lock is not None:
-            self._lock.release()
+            self._lock.release(undo=not self._created)
             self._lock = None
 
     def _move_aside(self, entries: list[str]) -> Path:

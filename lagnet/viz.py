@@ -449,7 +449,7 @@ def plot_training_curves(
         dpi: figure resolution.
 
     Returns:
-        a ``10 x 4`` inch Figure with two axes.
+        a ``10 x 4`` inch Figure with two axes, both spanning the x range of ``history``.
     """
     if isinstance(history, (str, bytes, Mapping)) or not isinstance(history, Sequence):
         raise TypeError(
@@ -483,7 +483,16 @@ def plot_training_curves(
     _plot_panel(
         metric_ax, history, xs, metric_keys, x_key, "evaluation", "not evaluated yet", loss=False
     )
+    # both panels span the run's x range, so one evaluation is a point at its epoch on the
+    # epochs axis, not a lone dot centred on an axis of its own
+    lo, hi = min(xs), max(xs)
+    pad = 0.05 * (hi - lo) if hi > lo else 0.5
     for ax in (loss_ax, metric_ax):
+        ax.set_xlim(lo - pad, hi + pad)
+        if all(x.is_integer() for x in xs):
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     return fig

@@ -469,6 +469,9 @@ def run_training(
         say(f"run folder: {run.path.absolute()}")
         for note in run.notes:
             say(note)
+        if is_main():
+            for note in run.lock():  # an existing folder: refuse a second training at once
+                say(note)
         if run.finished:
             assert run.checkpoint is not None
             summary = run_summary(run.checkpoint["state"])

@@ -454,3 +454,79 @@ def test_bad_model_config_in_a_checkpoint_names_the_file(
     err = capsys.readouterr().err
     assert str(path) in err and message in err, err
     one_error_line(err, "")
+
+
+# --- dataset file names and image files --------------------------------------------------------
+
+
+def test_pattern_capturing_a_non_integer_shows_the_value_and_the_file(tmp_path: Path) -> None:
+    from lagnet.data import ReIDFolder
+
+    for split in ("train", "query", "gallery"):
+        (tmp_path / split).mkdir()
+        for name in ("0001_cA_0.png", "abc_c1_0.png", "0002_c1_0.png"):
+            (tmp_path / split / name).write_bytes(_png_bytes())
+    with pytest.raises(ValueError) as info:
+        ReIDFolder(tmp_path, train_dir="train", query_dir="query", gallery_dir="gallery",
+                   pattern=r"(?P<pid>\w+)_c(?P<camid>\w)_.*")  # fmt: skip
+    assert str(info.value) == (
+        f"ReIDFolder: 2 file names in the train split ({str(tmp_path / 'train')!r}) match the "
+        "pattern, but a captured pid or camid is not an integer: '0001_cA_0.png' (camid "
+        "captured 'A'), 'abc_c1_0.png' (pid captured 'abc'); the groups must capture digits "
+        r"only, e.g. (?P<pid>\d+) and (?P<camid>\d+)"
+    )
+    with pytest.raises(ValueError, match=r"'abc_c1_0.png' \(pid captured nothing\)"):
+        ReIDFolder(tmp_path, train_dir="train", query_dir="query", gallery_dir="gallery",
+                   pattern=r"(?:(?P<pid>\d+)|abc)_c(?P<camid>\w)_.*")  # fmt: skip
+
+
+def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from lagnet.data import read_image
+
+    values = np.array([[0, 128, 129, 257], [65535, 65407, 1000, 30000]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as raw:
+        assert raw.mode == "I;16"  # a real 16-bit file
+    rgb = read_image(tmp_path / "deep.png")
+    assert rgb.mode == "RGB"
+    expected = np.array([[0, 0, 1, 1], [255, 255, 4, 117]], dtype=np.uint8)  # round(v / 257)
+    np.testing.assert_array_equal(np.asarray(rgb), np.repeat(expected[..., None], 3, axis=2))
+    # a realistic 16-bit crop keeps its contrast (it was 99.7 % white when clipped)
+    ramp = (np.arange(64 * 32).reshape(64, 32) * 31).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    gray = np.asarray(read_image(tmp_path / "ramp.png"))[..., 0]
+    assert (gray == 255).mean() < 0.01 and gray.min() == 0
+
+
+def test_images_without_a_known_range_are_refused_by_name(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from lagnet.data import read_image
+
+    Image.fromarray(np.ones((2, 2), dtype=np.float32)).save(tmp_path / "f.tiff")
+    with pytest.raises(OSError) as info:
+        read_image(tmp_path / "f.tiff")
+    assert str(info.value) == (
+        f"cannot read image {str(tmp_path / 'f.tiff')!r}: floating-point pixels (mode 'F') have "
+        "no known range; save it as an 8-bit or 16-bit image"
+    )
+    Image.fromarray(np.array([[-5, 70000]], dtype=np.int32)).save(tmp_path / "i.tiff")
+    with pytest.raises(OSError, match=r"\(mode 'I'\) range -5..70000, not 16-bit 0..65535"):
+        read_image(tmp_path / "i.tiff")
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from lagnet.data import read_image
+
+    pixels = (np.arange(8, dtype=np.uint8).reshape(2, 4) * 30)[..., None].repeat(3, axis=2)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display", as phones write
+    Image.fromarray(pixels).save(tmp_path / "sideways.png", exif=exif)
+    Image.fromarray(pixels).save(tmp_path / "plain.png")
+    upright = np.asarray(read_image(tmp_path / "sideways.png"))
+    np.testing.assert_array_equal(upright, np.rot90(pixels, k=-1))  # clockwise
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "plain.png")), pixels)

@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as tvf
 
@@ -162,6 +163,10 @@ def _resolve_root(
     )
 
 
+class _NotAnInteger(ValueError):
+    """A file name matched the pattern, but a captured pid or camid is not an integer."""
+
+
 def _scan_folder(
     folder: Path,
     parser: NameParser,
@@ -174,6 +179,7 @@ def _scan_folder(
     records: list[ReIDRecord] = []
     unparsed: list[str] = []
     bad_ids: list[str] = []
+    not_integers: list[str] = []
     subfolders: list[str] = []
     junk = 0
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
@@ -190,6 +196,9 @@ def _scan_folder(
             raise PermissionError(f"{name}: {path!r} in the {split} split is not readable")
         try:
             parsed = parser(entry.name)
+        except _NotAnInteger as err:
+            not_integers.append(str(err))
+            continue
         except ValueError:
             parsed = None
         if parsed is None:
@@ -204,6 +213,18 @@ def _scan_folder(
             bad_ids.append(f"{entry.name!r} (pid {pid}, camera {cam})")
             continue
         records.append(ReIDRecord(path, pid, camid))
+    if not_integers:
+        raise ValueError(
+            f"{name}: {len(not_integers)} file names in the {split} split ({str(folder)!r}) match "
+            "the pattern, but a captured pid or camid is not an integer: "
+            f"{', '.join(not_integers[:_MAX_LISTED])}"
+            + (
+                f" (and {len(not_integers) - _MAX_LISTED} more)"
+                if len(not_integers) > _MAX_LISTED
+                else ""
+            )
+            + r"; the groups must capture digits only, e.g. (?P<pid>\d+) and (?P<camid>\d+)"
+        )
     if unparsed:
         raise ValueError(
             f"{name}: {len(unparsed)} file names in the {split} split ({str(folder)!r}) do not "
@@ -244,7 +265,15 @@ def _regex_parser(pattern: str | re.Pattern[str]) -> NameParser:
         match = regex.fullmatch(file_name)
         if match is None:
             return None
-        return int(match.group("pid")), int(match.group("camid"))
+        values: list[int] = []
+        for group in ("pid", "camid"):
+            text = match.group(group)
+            try:
+                values.append(int(text))
+            except (TypeError, ValueError):  # TypeError: the group took no part in the match
+                shown = "nothing" if text is None else repr(text)
+                raise _NotAnInteger(f"{file_name!r} ({group} captured {shown})") from None
+        return values[0], values[1]
 
     return parse
 
@@ -503,12 +532,49 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int, int]]):
         return tensor, pid, camid
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
+def _to_8bit(img: Image.Image, path: str | os.PathLike[str]) -> Image.Image:
+    """High-bit-depth grayscale (16-bit PNG: mode ``I;16``; ``I`` holding 0..65535) scaled to
+    8 bits as ``round(v * 255 / 65535)``; other modes unchanged; float pixels refused."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise OSError(
+                f"cannot read image {os.fspath(path)!r}: 32-bit integer pixels (mode 'I') "
+                f"range {values.min()}..{values.max()}, not 16-bit 0..65535; save it as 8-bit"
+            )
+        return Image.fromarray(((values + 128) // 257).astype(np.uint8), mode="L")
+    if img.mode == "F":
+        raise OSError(
+            f"cannot read image {os.fspath(path)!r}: floating-point pixels (mode 'F') have "
+            "no known range; save it as an 8-bit or 16-bit image"
+        )
+    return img
+
+
 def read_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image fully decoded as RGB; ``OSError`` naming the file when it cannot be read."""
+    """Open an image fully decoded as 8-bit RGB, upright; ``OSError`` naming the file when it
+    cannot be read.
+
+    - An EXIF orientation tag (photos from phones and cameras) is applied, so a crop is read
+      the way image viewers show it; files without one (re-ID crops normally) are unchanged.
+    - 16-bit grayscale (PNG ``I;16``, or ``I`` with values 0..65535) is scaled to 8 bits,
+      ``round(v * 255 / 65535)``, not clipped; 16-bit RGB PNGs are reduced to 8 bits by
+      Pillow itself. Floating-point images (mode ``F``) and ``I`` images outside 0..65535
+      have no known range and are refused with an ``OSError``.
+    - Grayscale, palette, CMYK and alpha images are converted to RGB (alpha dropped).
+    """
     try:
         with Image.open(path) as img:
-            rgb: Image.Image = img.convert("RGB")
+            upright = img
+            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                upright = ImageOps.exif_transpose(img)
+            rgb: Image.Image = _to_8bit(upright, path).convert("RGB")
     except (OSError, SyntaxError, ValueError) as exc:
+        if str(exc).startswith("cannot read image "):
+            raise
         raise OSError(f"cannot read image {os.fspath(path)!r}: {exc}") from exc
     return rgb
 

@@ -81,6 +81,22 @@ def test_round_trip_is_bit_identical_from_the_folder_alone(tmp_path: Path, varia
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_a_model_on_any_device_and_layout_round_trips(tmp_path: Path, device: torch.device) -> None:
+    model = trained_like("paper").to(device, memory_format=torch.channels_last)
+    lagnet.save_pretrained(model, tmp_path / "m", input_size=SIZE)
+    again = lagnet.from_pretrained(tmp_path / "m", device=device)
+    assert next(again.parameters()).device.type == device.type
+    ours, theirs = model.state_dict(), again.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    x = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(2)).to(device)
+    with torch.no_grad():
+        got, expected = again(x), model.to(memory_format=torch.contiguous_format)(x)
+    if device.type == "cpu":
+        assert torch.equal(got, expected)
+    else:  # the same weights; cuDNN may pick other kernels for two module instances
+        torch.testing.assert_close(got, expected)
+
+
 def test_the_folder_holds_two_files_and_no_pickle(folder: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     for path in folder.iterdir():

@@ -530,3 +530,30 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     upright = np.asarray(read_image(tmp_path / "sideways.png"))
     np.testing.assert_array_equal(upright, np.rot90(pixels, k=-1))  # clockwise
     np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "plain.png")), pixels)
+
+
+@pytest.mark.slow
+def test_lagnet_train_with_a_huge_lr_stops_as_a_non_finite_loss(
+    capsys: pytest.CaptureFixture[str], data_root: Path, tmp_path: Path
+) -> None:
+    code = main(["train", "--preset", "tiny", "--output", str(tmp_path / "run"), "--root",
+                 str(data_root), "--no-progress", "--lr", "1e30"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1, err
+    last = err.splitlines()[-1]
+    assert last.startswith("lagnet: error: loss became nan at epoch 1, batch 2; stopping"), err
+    assert "attention_maps" not in err and "Traceback" not in err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_nan_input_image_is_named_at_the_read_back() -> None:
+    model = small().cuda()
+    criterion = LAGNetLoss(5, model.attention_dim).cuda()
+    step = TrainStep(model, criterion, torch.optim.SGD(model.parameters(), lr=1e-4))
+    bad = images(1)
+    bad[1, 0, 0, 0] = float("nan")
+    batches = [(images(0), LABELS), (bad, LABELS), (images(2), LABELS)]
+    with pytest.raises(ValueError) as info:
+        train_one_epoch(step, batches, epoch=2, log_every=10, progress=False)
+    assert str(info.value).startswith("epoch 2, batch 1: the input images hold NaN or infinite")

@@ -281,7 +281,7 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {str(path)!r}")
     try:
-        state: dict[str, Tensor] = st.load(path.read_bytes())
+        state: dict[str, Tensor] = st.load_file(str(path), device="cpu")
     except Exception as err:  # safetensors raises SafetensorError, an Exception
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(
@@ -326,7 +326,12 @@ def load_weights(path: str | os.PathLike[str]) -> LoadedWeights:
     """
     p = Path(path).expanduser()
     if p.is_dir():
-        if not (p / WEIGHTS_NAME).exists() and (p / RUN_PRETRAINED_DIR / WEIGHTS_NAME).is_file():
+        if not (p / WEIGHTS_NAME).exists() and (p / "best.pth").is_file():
+            if not (p / RUN_PRETRAINED_DIR / WEIGHTS_NAME).is_file():
+                raise FileNotFoundError(
+                    f"{str(p)!r} is a run folder without {RUN_PRETRAINED_DIR}/ (lagnet train "
+                    f"writes it at the end of a run); pass {str(p / 'best.pth')!r}"
+                )
             p = p / RUN_PRETRAINED_DIR  # the run folder of lagnet train: its best model
         return _load_folder(p / WEIGHTS_NAME, p / CONFIG_NAME)
     if p.suffix == ".safetensors":

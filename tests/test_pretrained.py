@@ -304,6 +304,15 @@ def test_missing_files_of_the_pair_are_named(folder: Path, tmp_path: Path) -> No
     with pytest.raises(FileNotFoundError, match="config.json' not found: a pretrained folder "
                        "holds model.safetensors and config.json"):  # fmt: skip
         build_lagnet(weights=lone / "w.safetensors")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pth").write_bytes(b"")
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"'.*run' is a run folder without pretrained/ \(lagnet train writes it at the end "
+        r"of a run\); pass '.*run/best.pth'",
+    ):
+        build_lagnet(weights=run)
     (lone / "config.json").write_text("not json")
     with pytest.raises(ValueError, match="config.json' is not a JSON file"):
         load_weights(lone / "w.safetensors")

@@ -197,3 +197,23 @@ def test_from_tensor_and_to(device: torch.device) -> None:
         ImageCache.from_tensor(torch.zeros(2, 3, 4, 5))
     with pytest.raises(ValueError, match="paths has 1 entries but images holds 2 images"):
         ImageCache.from_tensor(images.view(2, 3, 4, 5), ["a"])
+
+
+def test_interrupt_stops_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from lagnet.data import image_cache
+
+    calls: list[str] = []
+
+    def fake_read(path: str) -> Image.Image:
+        calls.append(path)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        time.sleep(0.01)
+        raise OSError(f"cannot read image {path!r}: fake")
+
+    monkeypatch.setattr(image_cache, "read_image", fake_read)
+    with pytest.raises(KeyboardInterrupt):
+        ImageCache([f"img{i}.jpg" for i in range(200)], 8, 4, workers=1, progress=False)
+    assert len(calls) < 20  # the images not started were dropped, not decoded

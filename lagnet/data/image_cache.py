@@ -166,7 +166,8 @@ class ImageCache:
             target[index] = pixels.transpose(2, 0, 1)
             return None
 
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lagnet-decode") as pool:
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lagnet-decode")
+        try:
             results = progress_bar(
                 pool.map(decode, range(n)),
                 enabled=progress,
@@ -176,6 +177,8 @@ class ImageCache:
                 leave=False,
             )
             errors = [message for message in results if message is not None]
+        finally:  # on Ctrl-C, drop the images not started instead of decoding them all
+            pool.shutdown(wait=True, cancel_futures=True)
         if errors:
             shown = "\n  ".join(errors[:_MAX_LISTED])
             extra = len(errors) - _MAX_LISTED

@@ -227,17 +227,16 @@ def test_index_paths_list_that_is_a_folder_is_refused(
     assert not (tmp_path / "g.lagidx").exists()
 
 
-def test_unknown_command_says_lagnet_once() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "lagnet", "nosuchcmd"], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 2
-    assert done.stderr.startswith(
+def test_unknown_command_says_lagnet_once(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["nosuchcmd"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
         "lagnet: error: argument COMMAND: invalid choice: 'nosuchcmd' (choose from 'train', "
     )
-    assert done.stderr.count("lagnet:") == 1 and len(done.stderr.splitlines()) == 1
+    assert err.count("lagnet:") == 1 and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow  # a subprocess: the pipe is the point
 def test_search_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     pytest.importorskip("faiss")
     rng = np.random.default_rng(0)

@@ -73,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
             evaluate.EXAMPLES,
             evaluate.add_command,
         ),
-        ("export", "export a run checkpoint to ONNX", export.EXAMPLES, export.add_command),
+        (
+            "export",
+            "export a model to ONNX, or as a pretrained folder (safetensors)",
+            export.EXAMPLES,
+            export.add_command,
+        ),
         (
             "embed",
             "embeddings of every image under a folder, saved as .npz",

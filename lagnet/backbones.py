@@ -3,6 +3,10 @@
 The stem is ``conv1, bn1, relu, maxpool, layer1, layer2, layer3[0]``; each branch is
 ``Sequential(layer3[1:], layer4)``, deep-copied, with layer4's first block turned to stride 1
 for the part and attention branches (its weights are unchanged: stride is not a weight).
+
+ImageNet weights come from a local state-dict file or from torchvision's weights enums
+(``"imagenet"``, ``"IMAGENET1K_V2"``, ``ResNet50_Weights.DEFAULT``, ...): downloaded once into
+the torch hub cache by :func:`download_weights`, their hash checked on download and on every use.
 """
 
 from __future__ import annotations

@@ -222,7 +222,11 @@ def test_rerun_without_resume_is_refused_and_changes_nothing(
     from lagnet.runs import RunFolderError
 
     out, _ = two_epochs
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def files() -> dict[str, bytes]:  # the run folder holds a pretrained/ sub-folder
+        return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    before = files()
     with pytest.raises(RunFolderError, match=r"already holds a run \(finished: 2 of 2 epochs"):
         train.main(tiny(out, data_root, "--epochs", "2"))
     with pytest.raises(RunFolderError, match=r"was started with other settings \(variant"):
@@ -230,7 +234,7 @@ def test_rerun_without_resume_is_refused_and_changes_nothing(
     assert train.main(tiny(out, data_root, "--epochs", "1", "--resume")) == json.loads(
         before["summary.json"]
     )
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert files() == before
 
 
 def test_bad_arguments_fail_before_any_work(train: LagnetTrain, tmp_path: Path) -> None:
@@ -259,7 +263,7 @@ def test_example_trains_with_the_cache(tmp_path: Path, capsys: pytest.CaptureFix
     root = generate_synthetic_market(tmp_path / "data", seed=0, **SYNTHETIC_SIZES["tiny"])
     weights = tmp_path / "weights.pth"
     results = load_example().main([
-        "--dataset", "market1501", "--root", str(root), "--epochs", "1", "--ids-per-batch", "2",
+        "--dataset", "synthetic", "--root", str(root), "--epochs", "1", "--ids-per-batch", "2",
         "--images-per-id", "2", "--num-attentions", "4", "--warmup", "0", "--milestones",
         "--no-progress", "--output", str(weights),
     ])  # fmt: skip

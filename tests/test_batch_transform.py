@@ -130,9 +130,11 @@ def test_drawn_rectangles_lie_inside_the_image(device: torch.device) -> None:
     assert bool((h < H).all() and (w < W).all())
 
 
-def _torchvision_boxes(n: int, seed: int) -> tuple[np.ndarray, int]:
-    """n draws of RandomErasing(p=0.5, ...) on a (3, H, W) image: boxes and the erased count."""
-    image = torch.empty(3, H, W)
+def _torchvision_boxes(
+    n: int, seed: int, height: int = H, width: int = W
+) -> tuple[np.ndarray, int]:
+    """n draws of RandomErasing(p=0.5, ...) on a (3, height, width) image: boxes, erased count."""
+    image = torch.empty(3, height, width)
     boxes = np.zeros((n, 4), dtype=np.int64)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -141,7 +143,7 @@ def _torchvision_boxes(n: int, seed: int) -> tuple[np.ndarray, int]:
                 i, j, h, w, _ = T.RandomErasing.get_params(
                     image, scale=(0.02, 0.4), ratio=(0.3, 3.3), value=[0.0]
                 )
-                if (h, w) != (H, W):  # (0, 0, H, W) means all 10 attempts failed
+                if (h, w) != (height, width):  # (0, 0, H, W): all 10 attempts failed
                     boxes[k] = (i, j, h, w)
     return boxes, int((boxes[:, 2] > 0).sum())
 
@@ -185,6 +187,27 @@ def test_rectangles_follow_torchvisions_law() -> None:
     assert _ks((a[:, 2] * a[:, 3] * 1.2).astype(np.int64), b[:, 2] * b[:, 3]) > bound
     # flips: P = 0.5 within 4 sd
     assert abs(float(d.flips.double().mean()) - 0.5) < 4 * math.sqrt(0.25 / n)
+
+
+@pytest.mark.slow
+def test_ten_attempts_then_no_erasing_like_torchvision() -> None:
+    # On a 2 x 64 image one attempt fits (h = 1) with probability about 0.02, so whether an
+    # image is erased depends on the 10-attempt limit: P(erase) = 0.5 * (1 - 0.98^10) ~ 0.087
+    # (one attempt only: ~0.01; no limit: 0.5).
+    n = 10_000
+    ours = BatchTransform(2, 64, train=True, generator=torch.Generator().manual_seed(4))
+    mine = ours.draw(n, "cpu").boxes.numpy()
+    theirs, erased_theirs = _torchvision_boxes(n, seed=5, height=2, width=64)
+    erased_mine = int((mine[:, 2] > 0).sum())
+    # two binomial proportions near 0.087: sd of the difference sqrt(2 * 0.087 * 0.913 / n)
+    # = 0.004; allow 4 sd
+    assert abs(erased_mine - erased_theirs) / n < 0.016
+    assert 0.06 < erased_mine / n < 0.11
+    a, b = mine[mine[:, 2] > 0], theirs[theirs[:, 2] > 0]
+    assert set(a[:, 2].tolist()) == set(b[:, 2].tolist()) == {1}
+    bound = 1.95 * math.sqrt((len(a) + len(b)) / (len(a) * len(b)))
+    for column in range(4):
+        assert _ks(a[:, column], b[:, column]) < bound, column
 
 
 def test_flip_where_on_every_width() -> None:

@@ -37,7 +37,7 @@ from lagnet.data.datasets import read_image
 __all__ = ["ImageCache"]
 
 _MAX_LISTED = 10  # how many unreadable files the error message shows
-_FORMAT = 1  # bump when the cache file layout or the decoding recipe changes
+_FORMAT = 1  # bump when the file layout, read_image or the resize changes within a release
 
 
 def _usable_cores() -> int:
@@ -86,7 +86,7 @@ class ImageCache:
         progress: show a progress bar while decoding (tqdm, when installed).
         cache_dir: a folder to save the decoded tensor in (created if needed) and to load it from
             on later builds. The file is named by a hash of the absolute paths, their sizes and
-            modification times, the input size and the Pillow/torchvision versions, so a
+            modification times, the input size and the lagnet/Pillow/torchvision versions, so a
             changed, added or removed file makes a new one; it is written atomically and loaded
             by memory-mapping, so several processes on one host share one copy in the page
             cache. ``None``: decode every time.
@@ -197,8 +197,11 @@ class ImageCache:
             except OSError:
                 return None  # decoding will name it among the unreadable files
             files.append((os.path.abspath(path), st.st_size, st.st_mtime_ns))
+        from lagnet import __version__  # lagnet is fully imported by now
+
         key = {
             "format": _FORMAT,
+            "lagnet": __version__,  # read_image's decoding may change between releases
             "height": self.height,
             "width": self.width,
             "pillow": PIL.__version__,

@@ -165,6 +165,8 @@ def test_unwritable_cache_dir_warns_and_keeps_the_images(crops: list[str], tmp_p
         ({"paths": "a.jpg"}, TypeError, "paths must be a sequence of file paths, got str"),
         ({"paths": ["a.jpg", 3]}, TypeError, r"paths\[1\] must be a str or os.PathLike, got int"),
         ({"cache_dir": 5}, TypeError, "cache_dir must be a path or None, got int"),
+        ({"progress": 1}, TypeError, r"progress must be a bool, got int \(1\)"),
+        ({"pin_memory": "yes"}, TypeError, "pin_memory must be a bool, got str"),
     ],
 )
 def test_bad_arguments(
@@ -217,3 +219,14 @@ def test_interrupt_stops_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         ImageCache([f"img{i}.jpg" for i in range(200)], 8, 4, workers=1, progress=False)
     assert len(calls) < 20  # the images not started were dropped, not decoded
+
+
+def test_pin_memory_decodes_into_pinned_memory(crops: list[str], tmp_path: Path) -> None:
+    plain = ImageCache(crops[:3], 32, 16, progress=False, cache_dir=tmp_path)
+    pinned = ImageCache(crops[:3], 32, 16, progress=False, pin_memory=True)
+    loaded = ImageCache(crops[:3], 32, 16, progress=False, pin_memory=True, cache_dir=tmp_path)
+    assert loaded.source == "disk"
+    for cache in (pinned, loaded):  # pinning needs CUDA; without it the memory stays pageable
+        assert cache.images.is_pinned() == torch.cuda.is_available()
+        assert torch.equal(cache.images, plain.images)
+        assert cache.to("cpu", pin_memory=True) is cache

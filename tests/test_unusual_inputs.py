@@ -556,3 +556,10 @@ def test_cuda_nan_input_image_is_named_at_the_read_back() -> None:
     with pytest.raises(ValueError) as info:
         train_one_epoch(step, batches, epoch=2, log_every=10, progress=False)
     assert str(info.value).startswith("epoch 2, batch 1: the input images hold NaN or infinite")
+
+
+def test_k1_without_rerank_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = main(["evaluate", "--weights", str(tmp_path / "w.pth"), "--dataset", "synthetic",
+                 "--root", str(tmp_path), "--k1", "5"])  # fmt: skip
+    assert code == 2
+    one_error_line(capsys.readouterr().err, "--k1 set the re-ranking: add --rerank")

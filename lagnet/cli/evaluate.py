@@ -46,12 +46,9 @@ def add_command(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--k1",
         type=int,
-        default=20,
         help="--rerank: neighbours of the k-reciprocal sets (default 20; at most the gallery size)",
     )
-    p.add_argument(
-        "--k2", type=int, default=6, help="--rerank: neighbours of the query expansion (default 6)"
-    )
+    p.add_argument("--k2", type=int, help="--rerank: neighbours of the query expansion (default 6)")
     p.add_argument(
         "--no-flip",
         action="store_true",
@@ -71,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
     batch_size = check_positive_int(args.batch_size, "--batch-size")
     workers = None if args.workers is None else check_nonnegative_int(args.workers, "--workers")
     device = resolve_device(args.device)
+    given = [flag for flag, value in (("--k1", args.k1), ("--k2", args.k2)) if value is not None]
+    if given and not args.rerank:
+        raise ValueError(f"{' and '.join(given)} set the re-ranking: add --rerank")
+    k1 = 20 if args.k1 is None else args.k1
+    k2 = 6 if args.k2 is None else args.k2
     if not os.path.exists(os.path.expanduser(args.weights)):
         raise FileNotFoundError(f"--weights {args.weights!r}: no such file or folder")
     data = load_dataset(
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         warn(note)
     if args.rerank:  # before the extractions: the gallery's size is known now
         try:
-            check_rerank_params(args.k1, args.k2, 0.3, len(data.query), len(data.gallery))
+            check_rerank_params(k1, k2, 0.3, len(data.query), len(data.gallery))
         except ValueError as err:
             raise ValueError(
                 f"--rerank: {err}; lower --k1 / --k2 (re-ranking with the default --k1 20 "
@@ -115,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     q, g = feats
     result = evaluate_features(
         q.features, g.features, q.pids, g.pids, q.camids, g.camids,
-        rerank=args.rerank, k1=args.k1, k2=args.k2,
+        rerank=args.rerank, k1=k1, k2=k2,
     )  # fmt: skip
     cmc = result.cmc
     scores = {

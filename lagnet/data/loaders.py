@@ -145,17 +145,17 @@ def build_loader(
             persistent_workers=count > 0,
             prefetch_factor=PREFETCH_FACTOR if count > 0 else None,
         )
+    pin = placement == "host" and pin_cache and target.type == "cuda"
     images = ImageCache(
         [r.path for r in entries],
         height,
         width,
         progress=progress,
         cache_dir=cache_dir,
+        pin_memory=pin,  # decoded straight into pinned memory: never two host copies
     )
     if placement == "device":
         images = images.to(target)
-    else:
-        images = images.to("cpu", pin_memory=pin_cache and target.type == "cuda")
     if log is not None:
         log(images.summary())  # its size and where it lives, once built
     return CachedLoader(

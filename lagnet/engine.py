@@ -359,7 +359,14 @@ class TrainStep:
         if labels.device.type == "cpu":  # free on the CPU; on the device it would be a sync
             check_label_range(labels, self.num_classes)
         self.input_finite = None
-        if self.device.type == "cpu" and images.is_floating_point():  # free: no device sync
+        # on the CPU no device sync; a finite sum proves every value finite (1.6 ms for a
+        # (64, 3, 384, 128) batch against 130 ms for isfinite().all()), an infinite one may be
+        # an overflow of finite values: then the exact check decides
+        if (
+            self.device.type == "cpu"
+            and images.is_floating_point()
+            and not bool(torch.isfinite(images.sum()))
+        ):
             finite = torch.isfinite(images).flatten(1).all(dim=1)
             if not bool(finite.all()):
                 count = int((~torch.isfinite(images)).sum())

@@ -107,6 +107,10 @@ def test_nan_input_image_is_named_as_an_input_and_changes_nothing() -> None:
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     with pytest.raises(ValueError, match=r"^epoch 4, batch 1: the input images hold 2 NaN"):
         train_one_epoch(step, [(images(0), LABELS), (bad, LABELS)], epoch=4, progress=False)
+    # finite values whose sum overflows (the fast check) are finite inputs: no input error
+    huge = torch.full((4, 3, 64, 32), 3e38)
+    prepared, _ = step._prepare(huge, LABELS)
+    assert torch.equal(prepared, huge)
 
 
 def test_optimizer_that_does_not_own_the_model_is_refused() -> None:

@@ -98,6 +98,8 @@ def atomic_write(
     _test_hook(target.name, "before")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        # mkstemp creates 0600; give the file the mode an ordinary open() would (0666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -112,6 +114,17 @@ def atomic_write(
         _fsync_dir(target.parent)
     _test_hook(target.name, "after")
     return target
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it, under a lock)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[tuple[str, int]]:

@@ -109,6 +109,17 @@ def test_stale_temporaries_of_its_own_pattern_only(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [".a.b.tmp", "notes.tmp"]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_atomic_writes_get_the_mode_of_an_ordinary_file(tmp_path: Path) -> None:
+    # mkstemp makes 0600 files: a shared model or checkpoint would be unreadable by others
+    previous = os.umask(0o027)
+    try:
+        written = atomic_write(tmp_path / "model.safetensors", lambda f: f.write(b"x"))
+    finally:
+        os.umask(previous)
+    assert written.stat().st_mode & 0o777 == 0o640
+
+
 def test_a_start_removes_stale_temporaries_and_says_so(tmp_path: Path) -> None:
     folder = tmp_path / "r"
     fake_run(folder, epoch=1, epochs=2)

@@ -18,7 +18,6 @@ from lagnet.data import (
     BatchTransform,
     ImageCache,
     build_transforms,
-    generate_synthetic_market,
     read_image,
 )
 
@@ -26,18 +25,8 @@ H, W = 384, 128
 
 
 @pytest.fixture(scope="module")
-def crops(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    root = tmp_path_factory.mktemp("market") / "synthetic"
-    generate_synthetic_market(
-        root,
-        num_train_ids=2,
-        num_test_ids=2,
-        images_per_id_per_cam=2,
-        num_cameras=2,
-        num_distractors=0,
-        num_junk=0,
-    )
-    return sorted(str(p) for p in (root / "bounding_box_train").glob("*.jpg"))
+def crops(market_crops: list[str]) -> list[str]:
+    return market_crops
 
 
 def pil_train(path: str, height: int, width: int, flip: bool, box: list[int]) -> torch.Tensor:

@@ -9,38 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import lagnet.data.cached_loader as cached_loader
-from lagnet.checkpoint import save_checkpoint
 from lagnet.cli import main
-from lagnet.data import generate_synthetic_market
-from lagnet.model import build_lagnet
-from lagnet.presets import SYNTHETIC_SIZES
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic") / "tiny"
-    generate_synthetic_market(root, seed=0, **SYNTHETIC_SIZES["tiny"])
-    return root
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = build_lagnet(8, backbone="resnet18", num_attentions=4)
-    path = tmp_path_factory.mktemp("weights") / "best.pth"
-    config = {"num_classes": 8, "backbone": "resnet18", "variant": "paper",
-              "num_attentions": 4, "height": 64, "width": 32}  # fmt: skip
-    save_checkpoint({"model": model.state_dict(), "model_config": config}, path)
-    return path
 
 
 def corrupt_copy(data_root: Path, target: Path, split: str) -> Path:

@@ -20,9 +20,7 @@ import torch
 
 from lagnet.checkpoint import load_checkpoint, save_checkpoint
 from lagnet.cli import main
-from lagnet.data import generate_synthetic_market
 from lagnet.model import build_lagnet
-from lagnet.presets import SYNTHETIC_SIZES
 from lagnet.runs import RunFolder, RunFolderError, check_output_folder, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,37 +50,11 @@ def one_error_line(err: str, expected: str) -> None:
     assert "Traceback" not in err
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic") / "tiny"
-    generate_synthetic_market(root, seed=0, **SYNTHETIC_SIZES["tiny"])
-    return root
-
-
 def tiny(output: Path, data_root: Path, *extra: str) -> list[str]:
     return [
         "train", "--preset", "tiny", "--output", str(output), "--root", str(data_root),
         "--no-progress", *extra,
     ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run checkpoint written by hand (the layout `lagnet train` writes), untrained weights."""
-    torch.manual_seed(0)
-    model = build_lagnet(8, backbone="resnet18", num_attentions=4)
-    path = tmp_path_factory.mktemp("weights") / "best.pth"
-    save_checkpoint(
-        {
-            "model": model.state_dict(),
-            "model_config": {
-                "num_classes": 8, "backbone": "resnet18", "variant": "paper",
-                "num_attentions": 4, "height": 64, "width": 32,
-            },
-        },
-        path,
-    )  # fmt: skip
-    return path
 
 
 # --- arguments are checked before anything is written ----------------------------------------

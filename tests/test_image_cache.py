@@ -12,27 +12,16 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from lagnet.data import ImageCache, generate_synthetic_market, read_image
+from lagnet.data import ImageCache, read_image
 
 H, W = 384, 128
 
 
 @pytest.fixture(scope="module")
-def crops(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+def crops(market_crops: list[str], tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """Real JPEG crops (128x64) from the synthetic Market writer, plus a PNG and a grey JPEG."""
-    root = tmp_path_factory.mktemp("market") / "synthetic"
-    generate_synthetic_market(
-        root,
-        num_train_ids=3,
-        num_test_ids=2,
-        images_per_id_per_cam=2,
-        num_cameras=2,
-        num_distractors=0,
-        num_junk=0,
-    )
-    paths = sorted(str(p) for p in (root / "bounding_box_train").glob("*.jpg"))
-    extra = root.parent / "extra"
-    extra.mkdir()
+    paths = market_crops
+    extra = tmp_path_factory.mktemp("extra")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (70, 31, 3), dtype=np.uint8)).save(extra / "odd.png")
     Image.fromarray(rng.integers(0, 256, (90, 45), dtype=np.uint8)).save(extra / "grey.jpg")

@@ -18,9 +18,7 @@ import torch
 import lagnet
 from lagnet.checkpoint import save_checkpoint
 from lagnet.cli import main
-from lagnet.data import generate_synthetic_market
 from lagnet.model import LAGNet, build_lagnet
-from lagnet.presets import SYNTHETIC_SIZES
 from lagnet.pretrained import load_weights
 
 SIZE = (64, 32)
@@ -325,13 +323,6 @@ def test_missing_files_of_the_pair_are_named(folder: Path, tmp_path: Path) -> No
 
 
 # --- the lagnet commands ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic") / "tiny"
-    generate_synthetic_market(root, seed=0, **SYNTHETIC_SIZES["tiny"])
-    return root
 
 
 @pytest.fixture(scope="module")

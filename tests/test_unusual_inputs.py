@@ -265,30 +265,6 @@ def test_search_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
 # --- lagnet evaluate and lagnet embed ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lagnet.data import generate_synthetic_market
-    from lagnet.presets import SYNTHETIC_SIZES
-
-    root = tmp_path_factory.mktemp("synthetic") / "tiny"
-    generate_synthetic_market(root, seed=0, **SYNTHETIC_SIZES["tiny"])
-    return root
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run checkpoint as `lagnet train` writes it, untrained weights."""
-    from lagnet.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    model = build_lagnet(8, backbone="resnet18", num_attentions=4)
-    path = tmp_path_factory.mktemp("weights") / "best.pth"
-    config = {"num_classes": 8, "backbone": "resnet18", "variant": "paper",
-              "num_attentions": 4, "height": 64, "width": 32}  # fmt: skip
-    save_checkpoint({"model": model.state_dict(), "model_config": config}, path)
-    return path
-
-
 def test_rerank_on_a_small_gallery_is_refused_before_extracting(
     capsys: pytest.CaptureFixture[str], data_root: Path, tmp_path: Path
 ) -> None:

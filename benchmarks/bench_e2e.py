@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"lagnet train failed (exit {code}, {len(epochs)} epochs timed)")
         device = "cpu" if smoke else "cuda"
         start = time.perf_counter()
-        code = lagnet(["evaluate", "--weights", str(run / "last.pth"), *data, "--device", device])
+        precision = [] if smoke else ["--amp", "auto", "--channels-last"]  # as the step trains
+        code = lagnet(
+            ["evaluate", "--weights", str(run / "last.pth"), *data, "--device", device, *precision]
+        )
         eval_wall = time.perf_counter() - start
         if code != 0 or len(extracts) != 2:
             raise SystemExit(f"lagnet evaluate failed (exit {code}, {len(extracts)} splits timed)")

@@ -138,3 +138,41 @@ def test_bad_cache_flag_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 2
     assert err.startswith("lagnet: error: lagnet evaluate: argument --cache: invalid choice: 'gpu'")
     assert len(err.splitlines()) == 1
+
+
+def test_embed_amp_and_channels_last(
+    capsys: pytest.CaptureFixture[str], weights: Path, data_root: Path, tmp_path: Path
+) -> None:
+    features = {}
+    settings = {
+        "plain": [],
+        "auto": ["--amp", "auto"],  # float32 on the CPU: the plain features, bit for bit
+        "cl": ["--channels-last"],
+        "bf16": ["--amp", "bf16", "--channels-last"],
+    }
+    for name, extra in settings.items():
+        out = tmp_path / f"{name}.npz"
+        code, _, err = run_cli(
+            capsys, "embed", "--weights", str(weights), "--images", str(data_root / "query"),
+            "--output", str(out), "--no-progress", *extra,
+        )  # fmt: skip
+        assert code == 0, err
+        with np.load(out) as npz:
+            features[name] = npz["features"]
+    np.testing.assert_array_equal(features["auto"], features["plain"])
+    np.testing.assert_allclose(features["cl"], features["plain"], rtol=0, atol=1e-5)
+    assert not np.array_equal(features["bf16"], features["plain"])  # autocast really ran
+    cosine = (features["bf16"] * features["plain"]).sum(1)  # both L2-normalised
+    assert cosine.min() > 0.99, cosine.min()
+
+
+def test_evaluate_refuses_an_unknown_amp(
+    capsys: pytest.CaptureFixture[str], weights: Path, data_root: Path
+) -> None:
+    code, _, err = run_cli(
+        capsys, "evaluate", "--weights", str(weights), "--dataset", "synthetic",
+        "--root", str(data_root), "--amp", "fp8",
+    )  # fmt: skip
+    assert code == 2
+    err = err.strip().splitlines()
+    assert len(err) == 1 and "--amp" in err[0] and "'fp8'" in err[0], err

@@ -14,7 +14,9 @@ from lagnet._validation import check_nonnegative_int, check_positive_int
 from lagnet.cli._common import (
     WEIGHTS_HELP,
     add_cache_arguments,
+    add_precision_arguments,
     cache_log,
+    forward_settings,
     load_run_model,
     new_output_path,
 )
@@ -52,6 +54,7 @@ def add_command(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     add_cache_arguments(p)
+    add_precision_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -109,7 +112,12 @@ def run(args: argparse.Namespace) -> int:
         log=cache_log,
     )
     feats = extract_features(
-        model, loader, flip=not args.no_flip, device=device, progress=not args.no_progress
+        model,
+        loader,
+        flip=not args.no_flip,
+        device=device,
+        progress=not args.no_progress,
+        **forward_settings(args, model, device),
     )
     buffer = io.BytesIO()
     np.savez(buffer, features=feats.features.numpy().astype(np.float32), paths=np.array(names))

@@ -12,8 +12,10 @@ from lagnet.cli._common import (
     WEIGHTS_HELP,
     add_cache_arguments,
     add_folder_dataset_arguments,
+    add_precision_arguments,
     cache_log,
     describe_missing,
+    forward_settings,
     load_dataset,
     load_run_model,
     missing_query_ids,
@@ -59,6 +61,7 @@ def add_command(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=64)
     add_cache_arguments(p)
+    add_precision_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -94,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
             ) from None
     model, meta = load_run_model(args.weights, device=device)
     show = not args.no_progress and not args.json
+    precision = forward_settings(args, model, device)
     loaders = [
         build_loader(
             records,
@@ -111,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
         for records in (data.query, data.gallery)
     ]  # both splits decoded (and every unreadable image named) before any embedding
     feats = [
-        extract_features(model, loader, flip=not args.no_flip, device=device, progress=show)
+        extract_features(
+            model, loader, flip=not args.no_flip, device=device, progress=show, **precision
+        )
         for loader in loaders
     ]
     q, g = feats

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -60,3 +62,14 @@ def market_crops(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         num_junk=0,
     )
     return sorted(str(p) for p in (root / "bounding_box_train").glob("*.jpg"))
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything opens a network connection (`pytest.mark.usefixtures`)."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a test tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,7 @@ W18 = torchvision.models.ResNet18_Weights
 W50 = torchvision.models.ResNet50_Weights
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("a test tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture

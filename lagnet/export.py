@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from lagnet._io import atomic_write
 from lagnet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from lagnet.model import MIN_INPUT_SIZE
+from lagnet.model import check_input_size
 
 __all__ = [
     "INPUT_NAME",
@@ -157,23 +157,6 @@ def _check_model(model: object) -> nn.Module:
     return model
 
 
-def _check_input_size(input_size: object) -> tuple[int, int]:
-    if (
-        not isinstance(input_size, Sequence)
-        or isinstance(input_size, str)
-        or len(input_size) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in input_size)
-    ):
-        raise TypeError(f"input_size must be a (height, width) pair of ints, got {input_size!r}")
-    height, width = int(input_size[0]), int(input_size[1])
-    if height < MIN_INPUT_SIZE or width < MIN_INPUT_SIZE:
-        raise ValueError(
-            f"input_size {height}x{width} is too small: LAG-Net needs images of at least "
-            f"{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} (the global branch downsamples by 32)"
-        )
-    return height, width
-
-
 def _check_output_path(path: object) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -203,7 +186,7 @@ def _prepare(
 ) -> tuple[EmbeddingExportModule, Tensor, int]:
     """Check everything, dry-run the model once; returns (module, example input, D)."""
     model = _check_model(model)
-    height, width = _check_input_size(input_size)
+    height, width = check_input_size(input_size)
     if not isinstance(dynamic_batch, bool):
         raise TypeError(f"dynamic_batch must be a bool, got {dynamic_batch!r}")
     if not isinstance(include_normalization, bool):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -25,6 +26,25 @@ HEAD_NAMES: tuple[str, ...] = ("la", "drop", "global", "part", "part0", "part1",
 """Order of the seven embedding heads, as in the released code's embedding."""
 
 MIN_INPUT_SIZE = 32
+
+
+def check_input_size(input_size: object, name: str = "input_size") -> tuple[int, int]:
+    """``input_size`` as ``(height, width)``, refused (TypeError/ValueError naming ``name``) when
+    it is not two ints or is smaller than :data:`MIN_INPUT_SIZE` in either dimension."""
+    if (
+        not isinstance(input_size, Sequence)
+        or isinstance(input_size, str)
+        or len(input_size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in input_size)
+    ):
+        raise TypeError(f"{name} must be a (height, width) pair of ints, got {input_size!r}")
+    height, width = int(input_size[0]), int(input_size[1])
+    if height < MIN_INPUT_SIZE or width < MIN_INPUT_SIZE:
+        raise ValueError(
+            f"{name} must be at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, got {height}x{width}: "
+            f"LAG-Net's global branch downsamples by {MIN_INPUT_SIZE}"
+        )
+    return height, width
 
 
 @dataclass

@@ -34,7 +34,7 @@ from lagnet._io import atomic_write
 from lagnet.backbones import BACKBONES
 from lagnet.checkpoint import load_checkpoint, state_dict_from
 from lagnet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from lagnet.model import MIN_INPUT_SIZE, VARIANTS, LAGNet, load_checked
+from lagnet.model import VARIANTS, LAGNet, check_input_size, load_checked
 
 __all__ = [
     "CONFIG_NAME",
@@ -92,21 +92,6 @@ def _version_tuple(version: str) -> tuple[int, int]:
     return major, minor
 
 
-def _check_input_size(input_size: object) -> tuple[int, int]:
-    if (
-        not isinstance(input_size, (tuple, list))
-        or len(input_size) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in input_size)
-    ):
-        raise TypeError(f"input_size must be two ints (H, W), got {input_size!r}")
-    h, w = int(input_size[0]), int(input_size[1])
-    if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE:
-        raise ValueError(
-            f"input_size must be at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, got {h}x{w}"
-        )
-    return h, w
-
-
 def _check_metrics(metrics: object) -> dict[str, float] | None:
     if metrics is None:
         return None
@@ -140,7 +125,7 @@ def pretrained_config(
             f"save_pretrained needs a LAGNet, got {type(model).__name__} (unwrap a "
             "DistributedDataParallel with .module and a torch.compile result with ._orig_mod)"
         )
-    h, w = _check_input_size(DEFAULT_INPUT_SIZE if input_size is None else input_size)
+    h, w = check_input_size(DEFAULT_INPUT_SIZE if input_size is None else input_size)
     return {
         "library_name": "lagnet",
         "lagnet_version": __version__,
@@ -296,7 +281,7 @@ def _load_folder(weights_file: Path, config_file: Path) -> LoadedWeights:
     args = _check_model_args(config["model_args"], source, MODEL_ARGS)
     size = config.get("input_size")
     try:
-        input_size = None if size is None else _check_input_size(size)
+        input_size = None if size is None else check_input_size(size)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{source}: input_size: {err}") from None
     metrics = config.get("metrics")

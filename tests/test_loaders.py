@@ -100,13 +100,13 @@ def test_cache_off_gets_dataloader_defaults(split: list[ReIDRecord]) -> None:
 
 
 def test_default_workers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loaders, "_usable_cores", lambda: 16)
+    monkeypatch.setattr(loaders, "usable_cores", lambda: 16)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert default_workers("cpu") == 0
     assert default_workers("cuda") == loaders.MAX_DEFAULT_WORKERS == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert default_workers("cuda:1") == 3  # 16 cores / 4 ranks, one kept per rank
-    monkeypatch.setattr(loaders, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(loaders, "usable_cores", lambda: 2)
     assert default_workers("cuda") == 1
 
 

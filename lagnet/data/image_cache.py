@@ -40,7 +40,8 @@ _MAX_LISTED = 10  # how many unreadable files the error message shows
 _FORMAT = 1  # bump when the file layout, read_image or the resize changes within a release
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
@@ -127,7 +128,7 @@ class ImageCache:
         self.paths = _check_paths(paths)
         self.height = check_positive_int(height, "height")
         self.width = check_positive_int(width, "width")
-        threads = _usable_cores() if workers is None else check_positive_int(workers, "workers")
+        threads = usable_cores() if workers is None else check_positive_int(workers, "workers")
         if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
             raise TypeError(f"cache_dir must be a path or None, got {type(cache_dir).__name__}")
         for name, flag in (("progress", progress), ("pin_memory", pin_memory)):

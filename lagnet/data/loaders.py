@@ -27,7 +27,7 @@ from lagnet._validation import check_choice, check_nonnegative_int, check_positi
 from lagnet.data.batch_transform import BatchTransform
 from lagnet.data.cached_loader import CACHE_MODES, CachedLoader, choose_cache
 from lagnet.data.datasets import ImageDataset, ReIDRecord
-from lagnet.data.image_cache import ImageCache
+from lagnet.data.image_cache import ImageCache, usable_cores
 from lagnet.data.transforms import build_transforms
 
 __all__ = ["MAX_DEFAULT_WORKERS", "build_loader", "default_workers"]
@@ -37,13 +37,6 @@ MAX_DEFAULT_WORKERS = 8
 
 PREFETCH_FACTOR = 4
 """Batches each ``DataLoader`` worker prepares ahead (``cache="off"`` with workers)."""
-
-
-def _usable_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
-        return max(1, os.cpu_count() or 1)
 
 
 def default_workers(device: torch.device | str) -> int:
@@ -56,7 +49,7 @@ def default_workers(device: torch.device | str) -> int:
     if torch.device(device).type != "cuda":
         return 0
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(MAX_DEFAULT_WORKERS, _usable_cores() // local - 1))
+    return max(1, min(MAX_DEFAULT_WORKERS, usable_cores() // local - 1))
 
 
 def build_loader(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, dtype
@@ -86,6 +86,15 @@ def check_float(
         interval = f"{left}{lo}, {hi}{right}"
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
     return v
+
+
+def show_some(items: Iterable[object], limit: int, *, quote: bool = False) -> str:
+    """``items`` for an error message: the first ``limit`` joined by ``", "`` (``repr`` of each
+    with ``quote``), then ``" (and N more)"`` for the rest."""
+    listed = list(items)
+    shown = ", ".join(repr(x) if quote else str(x) for x in listed[:limit])
+    more = len(listed) - limit
+    return shown + (f" (and {more} more)" if more > 0 else "")
 
 
 def check_choice(value: object, name: str, choices: Sequence[str]) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from lagnet._io import atomic_write, is_temporary, remove_stale_temporaries
+from lagnet._validation import show_some
 from lagnet.checkpoint import load_checkpoint, save_checkpoint, save_json
 
 __all__ = [
@@ -133,9 +134,7 @@ def check_output_folder(path: str | os.PathLike[str], flag: str = "--output") ->
 
 
 def _show(items: Iterable[str]) -> str:
-    names = list(items)
-    shown = ", ".join(names[:_MAX_SHOWN])
-    return shown + (f" (and {len(names) - _MAX_SHOWN} more)" if len(names) > _MAX_SHOWN else "")
+    return show_some(items, _MAX_SHOWN)
 
 
 def _run_entries(path: Path) -> list[str]:

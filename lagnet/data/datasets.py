@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as tvf
 
-from lagnet._validation import check_nonnegative_int
+from lagnet._validation import check_nonnegative_int, show_some
 
 __all__ = [
     "CUHK03NP",
@@ -60,9 +60,7 @@ class ReIDRecord(NamedTuple):
 
 
 def _show(names: Sequence[str]) -> str:
-    shown = ", ".join(repr(n) for n in names[:_MAX_LISTED])
-    more = len(names) - _MAX_LISTED
-    return shown + (f" (and {more} more)" if more > 0 else "")
+    return show_some(names, _MAX_LISTED, quote=True)
 
 
 class ReIDDataset:
@@ -217,13 +215,8 @@ def _scan_folder(
         raise ValueError(
             f"{name}: {len(not_integers)} file names in the {split} split ({str(folder)!r}) match "
             "the pattern, but a captured pid or camid is not an integer: "
-            f"{', '.join(not_integers[:_MAX_LISTED])}"
-            + (
-                f" (and {len(not_integers) - _MAX_LISTED} more)"
-                if len(not_integers) > _MAX_LISTED
-                else ""
-            )
-            + r"; the groups must capture digits only, e.g. (?P<pid>\d+) and (?P<camid>\d+)"
+            f"{show_some(not_integers, _MAX_LISTED)}"
+            r"; the groups must capture digits only, e.g. (?P<pid>\d+) and (?P<camid>\d+)"
         )
     if unparsed:
         raise ValueError(
@@ -234,8 +227,7 @@ def _scan_folder(
         raise ValueError(
             f"{name}: {len(bad_ids)} file names in the {split} split ({str(folder)!r}) give an "
             f"identity below -1 or a camera below the first camera number {camid_base}: "
-            f"{', '.join(bad_ids[:_MAX_LISTED])}"
-            + (f" (and {len(bad_ids) - _MAX_LISTED} more)" if len(bad_ids) > _MAX_LISTED else "")
+            f"{show_some(bad_ids, _MAX_LISTED)}"
         )
     if not records:
         extra = f" ({junk} junk images with identity -1 were dropped)" if junk else ""
